@@ -1,0 +1,44 @@
+"""Typed configuration: a tree of frozen dataclasses loaded from YAML (see loader.py for precedence)."""
+
+from mopd.config.checks import Problem
+from mopd.config.distill import (
+    DistillConfig,
+    EngineKind,
+    ObjectiveConfig,
+    ObjectiveName,
+    RolloutConfig,
+    RouteGranularity,
+    RouteRule,
+    RouterConfig,
+    SamplingConfig,
+    SGLangConfig,
+    TeacherConfig,
+    TeacherKind,
+    TokenRule,
+)
+from mopd.config.loader import build_config, load_config, to_yaml
+from mopd.config.model import (
+    Backend,
+    Dtype,
+    Family,
+    Fp8Format,
+    Fp8Recipe,
+    LrSchedule,
+    ModelConfig,
+    OptimizerConfig,
+    ParallelConfig,
+    PrecisionConfig,
+    StudentConfig,
+    TrainConfig,
+)
+from mopd.config.run import (
+    CheckpointConfig,
+    DataConfig,
+    LoggingConfig,
+    RunConfig,
+    StageConfig,
+    StageKind,
+    WandbMode,
+)
+
+__all__ = [name for name in dir() if not name.startswith("_")]

@@ -1,0 +1,233 @@
+"""Config sections for distillation: objectives, teachers, routing, rollouts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from mopd.config.checks import Problem, at_least, positive
+
+
+class ObjectiveName(str, Enum):
+    """The objectives of DESIGN.md §4 (registry in mopd/objectives)."""
+
+    forward_kl_topk = "forward_kl_topk"
+    reverse_kl_sampled = "reverse_kl_sampled"
+    reverse_kl_student_topk = "reverse_kl_student_topk"
+    jsd = "jsd"
+    skew_kl = "skew_kl"
+    aopd = "aopd"
+    rlsd = "rlsd"
+    cross_entropy = "cross_entropy"
+
+
+class TeacherKind(str, Enum):
+    expert = "expert"
+    """Another model (a domain expert) served by an engine."""
+    self_pi = "self_pi"
+    """The student's own initial (or EMA) weights shown privileged information."""
+
+
+class EngineKind(str, Enum):
+    embedded = "embedded"
+    """In-process HuggingFace transformers model (CPU, tests, small machines)."""
+    sglang = "sglang"
+    """SGLang servers over HTTP (production)."""
+
+
+class RouteGranularity(str, Enum):
+    prompt = "prompt"
+    token = "token"
+
+
+class TokenRule(str, Enum):
+    confidence = "confidence"
+    """Teacher with the highest logprob of the sampled token."""
+    entropy = "entropy"
+    """Teacher with the lowest entropy over its top-K (tail bucket included)."""
+    mixture = "mixture"
+    """Fixed mixture weights from router.mixture."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ObjectiveConfig:
+    """One term of the loss; a teacher's loss is the coefficient-weighted sum of its terms."""
+
+    name: ObjectiveName = ObjectiveName.forward_kl_topk
+    """Which divergence."""
+    coef: float = 1.0
+    """Weight of this term in the sum."""
+    teacher_temperature: float = 1.0
+    """Temperature applied to the teacher's logprobs (renormalised over top-K + tail) before use."""
+    beta: float = 0.5
+    """JSD mixture weight (0 < beta < 1) or skew-KL mixing weight alpha."""
+    tail_bucket: bool = True
+    """top-K forward KL: include the mass outside the top-K as one extra bucket."""
+    entry_clip: float = 0.0
+    """Cap each vocabulary entry's contribution at this value (OPSD); 0 disables."""
+    token_clip: float = 0.0
+    """Cap each token's total divergence at this value; 0 disables."""
+    importance_ratio: bool = False
+    """reverse_kl_sampled: weight by p_student / p_behaviour (off-policy correction)."""
+    ratio_cap: float = 2.0
+    """Truncate importance ratios above this (TIS)."""
+    student_top_k: int = 32
+    """reverse_kl_student_topk: entries of the student's own top-K used."""
+
+    def problems(self) -> list[Problem]:
+        out = positive(self, "teacher_temperature", "ratio_cap", "student_top_k")
+        out += at_least(self, 0.0, "entry_clip", "token_clip")
+        if self.name in (ObjectiveName.jsd, ObjectiveName.skew_kl) and not 0.0 < self.beta < 1.0:
+            out.append(Problem("beta", self.beta,
+                               "must be in (0, 1); use forward_kl_topk / reverse_kl_* for the endpoints"))
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class TeacherConfig:
+    """One teacher: a domain expert or the PI self-teacher."""
+
+    name: str
+    """Unique name; metrics are keyed teacher/<name>/."""
+    kind: TeacherKind = TeacherKind.expert
+    engine: EngineKind = EngineKind.embedded
+    """Where the teacher runs."""
+    checkpoint: str | None = None
+    """HF directory (embedded), stage name whose output it is, or model path for a launched SGLang server."""
+    endpoint: str | None = None
+    """URL of an already-running SGLang server or router (engine=sglang)."""
+    domains: list[str] = field(default_factory=list)
+    """Domain tags this teacher covers (per-prompt routing)."""
+    coef: float = 1.0
+    """Scale of this teacher's loss."""
+    top_k: int = 64
+    """Top-K entries the teacher returns per position."""
+    objectives: list[ObjectiveConfig] = field(default_factory=list)
+    """Override the run's objective for this teacher (empty: use distill.objectives)."""
+    pi_template: str = "{pi}\n\n{prompt}"
+    """self_pi: how the privileged context is built from the prompt and its PI."""
+    ema_decay: float = 0.0
+    """self_pi: 0 keeps the initial weights frozen; otherwise an EMA of the student with this decay."""
+
+    def problems(self) -> list[Problem]:
+        out = positive(self, "top_k")
+        if not 0.0 <= self.ema_decay < 1.0:
+            out.append(Problem("ema_decay", self.ema_decay, "must be in [0, 1)"))
+        if self.kind == TeacherKind.self_pi and "{pi}" not in self.pi_template:
+            out.append(Problem("pi_template", self.pi_template, "must contain {pi}"))
+        if self.engine == EngineKind.sglang and not (self.endpoint or self.checkpoint):
+            out.append(Problem("endpoint", None, "an sglang teacher needs endpoint or checkpoint"))
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class RouteRule:
+    """Send prompts that match to a teacher. Empty fields match anything."""
+
+    teacher: str
+    domain: str | None = None
+    """Exact domain tag."""
+    metadata_key: str | None = None
+    metadata_pattern: str | None = None
+    """Regex matched against prompt.metadata[metadata_key]."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RouterConfig:
+    granularity: RouteGranularity = RouteGranularity.prompt
+    rules: list[RouteRule] = field(default_factory=list)
+    """Checked in order; the first match wins. A teacher's `domains` adds implicit rules after these."""
+    default: str | None = None
+    """Teacher for prompts no rule matches; null makes an unmatched prompt an error."""
+    token_rule: TokenRule = TokenRule.confidence
+    mixture: dict[str, float] = field(default_factory=dict)
+    """token_rule=mixture: weight per teacher name."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+    """Sampling parameters, sent explicitly to every engine."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    """-1 disables top-k sampling."""
+    max_new_tokens: int = 64
+    seed: int | None = None
+    """Per-request sampling seed; null for unseeded."""
+    stop_token_ids: list[int] = field(default_factory=list)
+    """Extra stop ids besides the tokenizer's EOS."""
+    n: int = 1
+    """Samples per prompt."""
+
+    def problems(self) -> list[Problem]:
+        out = at_least(self, 0.0, "temperature")
+        out += positive(self, "max_new_tokens", "n")
+        if not 0.0 < self.top_p <= 1.0:
+            out.append(Problem("top_p", self.top_p, "must be in (0, 1]"))
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class SGLangConfig:
+    """How to reach (or launch) SGLang servers."""
+
+    endpoints: list[str] = field(default_factory=list)
+    """URLs of running servers or of sglang_router; empty with launch=true starts them."""
+    launch: bool = False
+    """Start sglang.launch_server processes (and sglang_router when more than one)."""
+    model_path: str | None = None
+    tp: int = 1
+    num_servers: int = 1
+    port: int = 30000
+    mem_fraction_static: float = 0.8
+    request_timeout_s: float = 600.0
+    max_in_flight: int = 64
+    """Bounded concurrency of requests per engine."""
+    retries: int = 3
+    """Retries (with exponential back-off) of idempotent requests."""
+    weight_sync: str = "distributed"
+    """distributed (NCCL group) or disk."""
+
+    def problems(self) -> list[Problem]:
+        out = positive(self, "tp", "num_servers", "port", "request_timeout_s", "max_in_flight")
+        out += at_least(self, 0, "retries")
+        if self.weight_sync not in ("distributed", "disk"):
+            out.append(Problem("weight_sync", self.weight_sync, "must be one of ['disk', 'distributed']"))
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class RolloutConfig:
+    engine: EngineKind = EngineKind.embedded
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    sglang: SGLangConfig = field(default_factory=SGLangConfig)
+    max_staleness: int = 0
+    """Overlap: generate step n+1 while step n trains, at most this many weight versions behind; 0 is synchronous."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistillConfig:
+    """What the opd stage optimises."""
+
+    objectives: list[ObjectiveConfig] = field(default_factory=lambda: [ObjectiveConfig()])
+    """Default loss terms for every teacher without its own."""
+    teachers: list[TeacherConfig] = field(default_factory=list)
+    router: RouterConfig = field(default_factory=RouterConfig)
+
+    def problems(self) -> list[Problem]:
+        out: list[Problem] = []
+        names = [t.name for t in self.teachers]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            out.append(Problem("teachers", dupes, "teacher names must be unique"))
+        known = set(names)
+        for i, rule in enumerate(self.router.rules):
+            if rule.teacher not in known:
+                out.append(Problem(f"router.rules[{i}].teacher", rule.teacher, f"must be one of {sorted(known)}"))
+        if self.router.default is not None and self.router.default not in known:
+            out.append(Problem("router.default", self.router.default, f"must be one of {sorted(known)}"))
+        for name in self.router.mixture:
+            if name not in known:
+                out.append(Problem("router.mixture", name, f"must name teachers in {sorted(known)}"))
+        return out

@@ -1,0 +1,122 @@
+"""Load a RunConfig from YAML with `a.b.c=value` overrides.
+
+Precedence: dataclass defaults < YAML file (and the files it lists under `include:`) < command-line
+overrides. OmegaConf does merging, interpolation (`${student.model.vocab_size}`) and type
+conversion against the dataclass schema; every failure becomes a ConfigError naming the dotted key,
+the bad value and the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
+
+from mopd.config.checks import Problem
+from mopd.config.run import RunConfig
+from mopd.errors import ConfigError
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """The RunConfig from ``path`` (or defaults) with dotted overrides applied, validated."""
+    layers: list[Any] = []
+    if path is not None:
+        layers.append(_read_yaml(Path(path)))
+    if overrides:
+        layers.append(_parse_overrides(overrides))
+    return build_config(RunConfig, *layers)
+
+
+def build_config(schema: type, *layers: Any) -> Any:
+    """Merge plain dicts / DictConfigs onto a dataclass schema and validate the result."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), *layers)
+        config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, schema) from None
+    problems = list(_walk_problems(config, ""))
+    if problems:
+        lines = [f"{p.key}={p.value!r}: {p.reason}" for p in problems]
+        raise ConfigError("invalid config:\n  " + "\n  ".join(lines))
+    return config
+
+
+def to_yaml(config: Any) -> str:
+    """The config as YAML (what a run records next to its outputs)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as exc:  # yaml.YAMLError and friends
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    includes = node.pop("include", [])
+    if isinstance(includes, str):
+        includes = [includes]
+    bases = [_read_yaml(path.parent / inc) for inc in includes]
+    return OmegaConf.merge(*bases, node) if bases else node
+
+
+def _parse_overrides(overrides: list[str] | tuple[str, ...]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r} must look like dotted.key=value")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"cannot parse overrides {list(overrides)}: {exc}") from None
+
+
+def _explain(exc: OmegaConfBaseException, schema: type) -> ConfigError:
+    key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or "<root>"
+    message = str(exc).splitlines()[0]
+    if isinstance(exc, MissingMandatoryValue):
+        return ConfigError(f"{key}: required key is missing")
+    if isinstance(exc, ConfigKeyError):
+        owner = getattr(exc, "object_type", None)
+        valid = sorted(f.name for f in dataclasses.fields(owner)) if dataclasses.is_dataclass(owner) else []
+        return ConfigError(f"{key}: unknown key; valid keys here: {valid}")
+    if isinstance(exc, ValidationError):
+        expected = _expected_type(exc, key, schema)
+        return ConfigError(f"{key}: {message}{expected}")
+    return ConfigError(f"{key}: {message}")
+
+
+def _expected_type(exc: OmegaConfBaseException, key: str, schema: type) -> str:
+    owner = getattr(exc, "object_type", None)
+    field_name = str(key).split(".")[-1].split("[")[0]
+    if not dataclasses.is_dataclass(owner):
+        return ""
+    hint = get_type_hints(owner).get(field_name)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return f" (valid choices: {[m.value for m in hint]})"
+    return f" (expected {getattr(hint, '__name__', hint)})" if hint is not None else ""
+
+
+def _walk_problems(node: Any, path: str):
+    if isinstance(node, list):
+        for i, item in enumerate(node):
+            yield from _walk_problems(item, f"{path}[{i}]")
+        return
+    if not dataclasses.is_dataclass(node):
+        return
+    prefix = f"{path}." if path else ""
+    if hasattr(node, "problems"):
+        for p in node.problems():
+            yield Problem(prefix + p.key, _plain(p.value), p.reason)
+    for f in dataclasses.fields(node):
+        yield from _walk_problems(getattr(node, f.name), prefix + f.name)
+
+
+def _plain(value: Any) -> Any:
+    return value.value if isinstance(value, enum.Enum) else value

@@ -1,0 +1,226 @@
+"""Config sections for the student: architecture, parallel layout, precision, optimizer, training."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from mopd.config.checks import Problem, at_least, choice_of, positive
+
+
+class Family(str, Enum):
+    """HF model families the in-house mapping covers (mopd/hf)."""
+
+    llama = "llama"
+    qwen2 = "qwen2"
+    qwen3 = "qwen3"
+    mistral = "mistral"
+
+
+class Dtype(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Fp8Recipe(str, Enum):
+    """Transformer Engine FP8 recipes (TE's DelayedScaling, Float8CurrentScaling, MXFP8BlockScaling,
+    Float8BlockScaling)."""
+
+    none = "none"
+    delayed = "delayed"
+    tensorwise = "tensorwise"
+    mxfp8 = "mxfp8"
+    blockwise = "blockwise"
+
+
+class Fp8Format(str, Enum):
+    e4m3 = "e4m3"
+    hybrid = "hybrid"
+
+
+class LrSchedule(str, Enum):
+    constant = "constant"
+    linear = "linear"
+    cosine = "cosine"
+
+
+class Backend(str, Enum):
+    auto = "auto"
+    gloo = "gloo"
+    nccl = "nccl"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """A Llama/Qwen-style decoder (RMSNorm, SwiGLU, RoPE, GQA) as Megatron-Core builds it."""
+
+    family: Family = Family.llama
+    """HF family the weights come from and export to (decides QKV bias, QK-norm defaults)."""
+    num_layers: int = 2
+    """Transformer layers."""
+    hidden_size: int = 64
+    """Model width."""
+    num_attention_heads: int = 4
+    """Query heads."""
+    num_query_groups: int | None = None
+    """Key/value heads (GQA); null means one per query head."""
+    head_dim: int | None = None
+    """Per-head width (kv_channels); null means hidden_size / num_attention_heads."""
+    ffn_hidden_size: int = 256
+    """SwiGLU intermediate size."""
+    vocab_size: int = 128
+    """Tokenizer vocabulary size (before padding for tensor parallelism)."""
+    make_vocab_size_divisible_by: int = 128
+    """Pad the embedding rows to a multiple of this times the TP size; padded columns are never selectable."""
+    max_position_embeddings: int = 2048
+    """Longest sequence RoPE is built for."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    rms_norm_eps: float = 1e-6
+    """RMSNorm epsilon."""
+    tie_word_embeddings: bool = False
+    """Share the input embedding with the output layer."""
+    qk_layernorm: bool = False
+    """RMSNorm on queries and keys per head (Qwen3)."""
+    add_qkv_bias: bool = False
+    """Bias on the QKV projection (Qwen2)."""
+    init_method_std: float = 0.02
+    """Std of the normal initialisation for fresh weights."""
+
+    def problems(self) -> list[Problem]:
+        out = [
+            *positive(self, "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size"),
+            *positive(self, "make_vocab_size_divisible_by", "max_position_embeddings", "rope_theta", "rms_norm_eps"),
+        ]
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            out.append(Problem("hidden_size", self.hidden_size,
+                               f"must be divisible by num_attention_heads={self.num_attention_heads} (or set head_dim)"))
+        groups = self.num_query_groups
+        if groups is not None and (groups <= 0 or self.num_attention_heads % groups):
+            out.append(Problem("num_query_groups", groups,
+                               f"must be a positive divisor of num_attention_heads={self.num_attention_heads}"))
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    """Megatron parallel layout. Data parallelism is what is left: world_size / (tp * pp)."""
+
+    tensor_parallel: int = 1
+    """Tensor-parallel size (splits heads, FFN and the vocabulary)."""
+    pipeline_parallel: int = 1
+    """Pipeline stages (splits layers)."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (only with tensor_parallel > 1)."""
+    backend: Backend = Backend.auto
+    """torch.distributed backend: auto picks nccl with CUDA, gloo without."""
+
+    def problems(self) -> list[Problem]:
+        out = positive(self, "tensor_parallel", "pipeline_parallel")
+        if self.sequence_parallel and self.tensor_parallel == 1:
+            out.append(Problem("sequence_parallel", True, "needs tensor_parallel > 1"))
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrecisionConfig:
+    """Parameter/compute dtype and Transformer Engine FP8."""
+
+    dtype: Dtype = Dtype.fp32
+    """Compute dtype of the student (bf16 on GPUs; fp32 on CPU tests)."""
+    fp8: Fp8Recipe = Fp8Recipe.none
+    """FP8 recipe through Transformer Engine; anything but none needs TE and a Hopper+ GPU."""
+    fp8_format: Fp8Format = Fp8Format.hybrid
+    """e4m3 everywhere, or hybrid (e4m3 forward, e5m2 gradients)."""
+    fp8_amax_history_len: int = 1024
+    """Delayed scaling: amax history length."""
+    fp8_param_gather: bool = False
+    """Keep FP8 copies of parameters and all-gather them in FP8 (distributed optimizer)."""
+
+    def problems(self) -> list[Problem]:
+        out = positive(self, "fp8_amax_history_len")
+        if self.fp8 != Fp8Recipe.none and self.dtype == Dtype.fp32:
+            out.append(Problem("fp8", self.fp8.value, "FP8 runs under bf16 or fp16; set precision.dtype=bf16"))
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimizerConfig:
+    """Adam(W) through Megatron's get_megatron_optimizer, with an LR schedule."""
+
+    lr: float = 1e-4
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    """Floor of the decay schedules."""
+    lr_schedule: LrSchedule = LrSchedule.constant
+    """Decay after warmup."""
+    warmup_steps: int = 0
+    """Linear warmup from 0 to lr over this many optimizer steps."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    use_distributed_optimizer: bool = True
+    """Shard optimizer state over data-parallel ranks (Megatron's distributed optimizer)."""
+
+    def problems(self) -> list[Problem]:
+        out = at_least(self, 0.0, "lr", "min_lr", "weight_decay", "clip_grad", "warmup_steps")
+        for key in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                out.append(Problem(key, getattr(self, key), "must be in [0, 1)"))
+        if self.min_lr > self.lr:
+            out.append(Problem("min_lr", self.min_lr, f"must not exceed lr={self.lr}"))
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Batching and length of the student's optimisation."""
+
+    steps: int = 10
+    """Optimizer steps."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step, summed over data-parallel ranks."""
+    micro_batch_size: int = 2
+    """Sequences per forward/backward pass on one rank."""
+    max_seq_len: int = 256
+    """Longest prompt + response the student trains on."""
+    loss_chunk_tokens: int = 1024
+    """Objectives process this many tokens at a time (bounds the extra memory beyond the logits)."""
+
+    def problems(self) -> list[Problem]:
+        return positive(self, "steps", "global_batch_size", "micro_batch_size", "max_seq_len", "loss_chunk_tokens")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StudentConfig:
+    """Everything that builds and trains the Megatron student."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def problems(self) -> list[Problem]:
+        out: list[Problem] = []
+        tp, m = self.parallel.tensor_parallel, self.model
+        if m.num_attention_heads % tp:
+            out.append(Problem("parallel.tensor_parallel", tp,
+                               f"must divide model.num_attention_heads={m.num_attention_heads}"))
+        groups = m.num_query_groups or m.num_attention_heads
+        if groups % tp:
+            out.append(Problem("parallel.tensor_parallel", tp, f"must divide the query groups ({groups})"))
+        if m.ffn_hidden_size % tp:
+            out.append(Problem("parallel.tensor_parallel", tp, f"must divide model.ffn_hidden_size={m.ffn_hidden_size}"))
+        if m.num_layers % self.parallel.pipeline_parallel:
+            out.append(Problem("parallel.pipeline_parallel", self.parallel.pipeline_parallel,
+                               f"must divide model.num_layers={m.num_layers}"))
+        return out
+
+
+__all__ = [name for name in dir() if name[0].isupper()] + ["choice_of"]
