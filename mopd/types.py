@@ -8,6 +8,7 @@ dict.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -198,3 +199,14 @@ class TrainBatch:
 
     def to(self, device: torch.device | str) -> TrainBatch:
         return TrainBatch(**{f: getattr(self, f).to(device) for f in self.__dataclass_fields__})
+
+
+LossFn = Callable[[torch.Tensor, TrainBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+"""``loss_fn(logits, batch) -> (loss_sum, metric_sums)``.
+
+``logits`` is [B, S, V_local]: this tensor-parallel rank's contiguous slice of the (padded) vocabulary,
+never gathered. ``loss_sum`` is the scalar SUM over valid response tokens of the weighted per-token loss
+(not yet normalised); the train step divides by the number of valid tokens of the global batch.
+``metric_sums`` are scalar sums over tokens (with matching token counts as metrics of their own) so
+they can be summed across micro-batches and data-parallel ranks before dividing.
+"""
