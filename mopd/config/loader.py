@@ -34,6 +34,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
 
 def build_config(schema: type, *layers: Any) -> Any:
     """Merge plain dicts / DictConfigs onto a dataclass schema and validate the result."""
+    for layer in layers:
+        _check_list_items(schema, OmegaConf.create(layer) if isinstance(layer, dict) else layer, "")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), *layers)
         config = OmegaConf.to_object(merged)
@@ -77,8 +79,32 @@ def _parse_overrides(overrides: list[str] | tuple[str, ...]) -> DictConfig:
         raise ConfigError(f"cannot parse overrides {list(overrides)}: {exc}") from None
 
 
-def _explain(exc: OmegaConfBaseException, schema: type) -> ConfigError:
-    key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or "<root>"
+def _check_list_items(schema: type, node: Any, path: str) -> None:
+    """Merge each element of a list-of-dataclasses field on its own, so that an error inside
+    ``teachers[1]`` names ``distill.teachers[1].<key>`` (OmegaConf reports list items without their path)."""
+    if not isinstance(node, DictConfig):
+        return
+    hints = get_type_hints(schema)
+    for key in node.keys():
+        hint = hints.get(str(key))
+        if hint is None:
+            continue  # unknown keys are reported by the main merge, with their full path
+        value = node[key]
+        sub = f"{path}.{key}" if path else str(key)
+        if dataclasses.is_dataclass(hint):
+            _check_list_items(hint, node[key], sub)
+        elif getattr(hint, "__origin__", None) is list and dataclasses.is_dataclass(hint.__args__[0]):
+            for i, item in enumerate(value or []):
+                item_path = f"{sub}[{i}]"
+                _check_list_items(hint.__args__[0], item, item_path)  # innermost errors first
+                try:
+                    OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(hint.__args__[0]), item))
+                except OmegaConfBaseException as exc:
+                    raise _explain(exc, hint.__args__[0], prefix=item_path + ".") from None
+
+
+def _explain(exc: OmegaConfBaseException, schema: type, prefix: str = "") -> ConfigError:
+    key = prefix + str(getattr(exc, "full_key", None) or getattr(exc, "key", None) or "<root>")
     message = str(exc).splitlines()[0]
     if isinstance(exc, MissingMandatoryValue):
         return ConfigError(f"{key}: required key is missing")
@@ -99,7 +125,7 @@ def _expected_type(exc: OmegaConfBaseException, key: str, schema: type) -> str:
         return ""
     hint = get_type_hints(owner).get(field_name)
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
-        return f" (valid choices: {[m.value for m in hint]})"
+        return ""  # OmegaConf's message already lists the valid choices
     return f" (expected {getattr(hint, '__name__', hint)})" if hint is not None else ""
 
 

@@ -1,0 +1,122 @@
+"""Config loading: YAML + overrides onto the typed tree, and every kind of bad input named by its key."""
+
+from pathlib import Path
+
+import pytest
+
+from mopd.config import Fp8Recipe, RunConfig, load_config, to_yaml
+from mopd.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def error_of(overrides: list[str], path: str | None = None) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    return str(info.value)
+
+
+def test_defaults_build_a_frozen_tree():
+    config = load_config()
+    assert isinstance(config, RunConfig)
+    with pytest.raises(AttributeError):
+        config.student.model.num_layers = 3  # type: ignore[misc]
+
+
+def test_yaml_then_overrides_take_precedence(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("name: x\nstudent:\n  model:\n    num_layers: 6\n    hidden_size: 96\n")
+    config = load_config(path, ["student.model.num_layers=3", "student.precision.fp8=none"])
+    assert (config.name, config.student.model.num_layers, config.student.model.hidden_size) == ("x", 3, 96)
+    assert config.student.precision.fp8 is Fp8Recipe.none
+
+
+def test_yaml_include_and_interpolation(tmp_path):
+    (tmp_path / "base.yaml").write_text("student:\n  model:\n    vocab_size: 300\n")
+    (tmp_path / "run.yaml").write_text(
+        "include: base.yaml\ndata:\n  max_prompt_tokens: ${student.model.vocab_size}\n"
+    )
+    config = load_config(tmp_path / "run.yaml")
+    assert config.data.max_prompt_tokens == 300
+
+
+def test_unknown_key_names_the_dotted_key_and_the_valid_keys():
+    message = error_of(["student.model.hiden_size=64"])
+    assert "student.model.hiden_size" in message and "hidden_size" in message
+
+
+def test_unknown_key_inside_a_list_names_the_list_index():
+    message = error_of(["distill.teachers=[{name: a}, {name: b, domian: x}]"])
+    assert "distill.teachers[1].domian" in message and "domains" in message
+
+
+def test_wrong_type_names_key_and_value():
+    message = error_of(["student.train.steps=many"])
+    assert "student.train.steps" in message and "many" in message
+
+
+def test_bad_choice_lists_the_valid_choices():
+    message = error_of(["student.precision.fp8=fp4"])
+    assert "student.precision.fp8" in message and "fp4" in message and "tensorwise" in message
+
+
+def test_nested_list_choice_error_has_full_path():
+    message = error_of(["distill.teachers=[{name: a, objectives: [{name: jsd}, {name: kl}]}]"])
+    assert "distill.teachers[0].objectives[1].name" in message and "forward_kl_topk" in message
+
+
+def test_out_of_range_value_names_key_value_and_bound():
+    message = error_of(["student.optimizer.lr=-0.1"])
+    assert "student.optimizer.lr=-0.1" in message and ">= 0" in message
+
+
+def test_jsd_beta_at_an_endpoint_is_refused():
+    message = error_of(["distill.objectives=[{name: jsd, beta: 0.0}]"])
+    assert "distill.objectives[0].beta" in message
+
+
+def test_missing_required_key_is_named():
+    message = error_of(["distill.teachers=[{domains: [math]}]"])
+    assert "distill.teachers[0].name" in message and "required" in message
+
+
+def test_tensor_parallel_that_does_not_divide_heads_is_refused():
+    message = error_of(["student.model.num_attention_heads=6", "student.parallel.tensor_parallel=4"])
+    assert "student.parallel.tensor_parallel=4" in message and "num_attention_heads=6" in message
+
+
+def test_pipeline_that_does_not_divide_layers_is_refused():
+    message = error_of(["student.model.num_layers=3", "student.parallel.pipeline_parallel=2"])
+    assert "student.parallel.pipeline_parallel=2" in message and "num_layers=3" in message
+
+
+def test_router_rule_must_name_a_known_teacher():
+    message = error_of(["distill.teachers=[{name: math}]", "distill.router.rules=[{teacher: code, domain: code}]"])
+    assert "distill.router.rules[0].teacher" in message and "math" in message
+
+
+def test_fp8_without_bf16_is_refused():
+    message = error_of(["student.precision.fp8=delayed"])
+    assert "student.precision.fp8" in message and "bf16" in message
+
+
+def test_bad_override_syntax_and_missing_file_are_clear(tmp_path):
+    assert "dotted.key=value" in error_of(["student.model.num_layers"])
+    assert str(tmp_path / "nope.yaml") in error_of([], str(tmp_path / "nope.yaml"))
+
+
+def test_all_problems_are_reported_at_once():
+    message = error_of(["student.train.steps=0", "student.optimizer.clip_grad=-1"])
+    assert "student.train.steps=0" in message and "student.optimizer.clip_grad=-1" in message
+
+
+def test_config_round_trips_through_yaml(tmp_path):
+    config = load_config(None, ["student.model.num_layers=3", "distill.teachers=[{name: a, domains: [x]}]"])
+    path = tmp_path / "dump.yaml"
+    path.write_text(to_yaml(config))
+    assert load_config(path) == config
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    load_config(path)
