@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project virtual environment in .venv and install mopd into it.
+# Sourced by launch/demo.sh and launch/test.sh. Reinstalls only when pyproject.toml or this
+# script changed since the last successful install (a stamp file records their hash).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+STAMP="$VENV/.mopd-install-stamp"
+
+find_python() {
+  local candidates=("${MOPD_PYTHON:-}" python3.12)
+  if command -v pyenv >/dev/null 2>&1; then
+    candidates+=("$(pyenv root)/versions/"3.12*/bin/python3.12)
+  fi
+  candidates+=("$HOME/.pyenv/versions/"3.12*/bin/python3.12 /usr/bin/python3.12 /usr/local/bin/python3.12)
+  for py in "${candidates[@]}"; do
+    [ -n "$py" ] || continue
+    if "$py" -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1; then
+      echo "$py"; return 0
+    fi
+  done
+  echo "mopd needs Python 3.12 (megatron-core 0.17+ requires it); set MOPD_PYTHON=/path/to/python3.12" >&2
+  return 1
+}
+
+# pip, with this machine's noise about missing local mirrors filtered out; keeps pip's exit status.
+pip_install() {
+  local log; log="$(mktemp)"
+  local status=0
+  "$VENV/bin/python" -m pip install -q "$@" >"$log" 2>&1 || status=$?
+  grep -v '^WARNING: Location' "$log" || true
+  rm -f "$log"
+  return $status
+}
+
+want="$(cat "$ROOT/pyproject.toml" "$ROOT/launch/setup.sh" | sha256sum | cut -d' ' -f1)"
+if [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+  echo "[setup] reusing $VENV (up to date)"
+else
+  PY="$(find_python)"
+  [ -x "$VENV/bin/python" ] || { echo "[setup] creating $VENV with $PY"; "$PY" -m venv "$VENV"; }
+  echo "[setup] installing mopd and its dependencies into $VENV (first run: a few minutes)"
+  pip_install -e "$ROOT[test]" || { echo "[setup] installing mopd failed: see the pip output above" >&2; exit 1; }
+  # SGLang's own request/response schema (sglang/api/v1/api_types.py) validates the protocol tests.
+  # The wheel's dependencies are CUDA-only, so it goes in without them; it is never imported as a package.
+  pip_install --no-deps "sglang==0.5.23" \
+    || echo "[setup] warning: sglang wheel unavailable; protocol-schema tests will skip" >&2
+  echo "$want" > "$STAMP"
+fi
+export PATH="$VENV/bin:$PATH"
