@@ -1,0 +1,141 @@
+"""Validation of raw prompt records (JSONL lines, HF dataset rows) and the bad-record report.
+
+A record is a JSON object with a prompt and optional domain, PI and reference fields (names from
+``DataConfig``). Anything else is a ``BadRecord`` with its 1-based line (or 0-based row) and a reason.
+Loading tolerates up to ``max_bad_fraction`` bad records and then stops with a DataError that names
+the file, the count per reason and the first few line numbers of each.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from enum import Enum
+
+from mopd.errors import DataError
+
+DEFAULT_DOMAIN = "default"
+"""Domain of a record without a domain field."""
+
+
+class BadReason(str, Enum):
+    invalid_json = "invalid_json"
+    not_an_object = "not_an_object"
+    missing_prompt = "missing_prompt"
+    wrong_type = "wrong_type"
+    unknown_domain = "unknown_domain"
+    too_long = "too_long"
+
+
+@dataclass(frozen=True, slots=True)
+class FieldNames:
+    """Which keys of a record hold what (``DataConfig.*_field``)."""
+
+    prompt: str = "prompt"
+    domain: str = "domain"
+    pi: str = "pi"
+    reference: str = "reference"
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One valid record, before tokenisation."""
+
+    location: int
+    """1-based line of a JSONL file, or 0-based row of a dataset."""
+    prompt: str
+    domain: str
+    pi: str | None = None
+    reference: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    """The record's other scalar fields, as strings (routing rules can match on them)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BadRecord:
+    location: int
+    reason: BadReason
+    detail: str
+
+
+def _optional_text(raw: dict, key: str, location: int, allow_int: bool = False) -> str | None | BadRecord:
+    value = raw.get(key)
+    if value is None or isinstance(value, str):
+        return value
+    if allow_int and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return BadRecord(location, BadReason.wrong_type, f"field {key!r} is {type(value).__name__}, expected a string")
+
+
+def parse_record(raw: object, location: int, fields: FieldNames, domains: frozenset[str] | None) -> Record | BadRecord:
+    """Validate one decoded record; ``domains`` (when set) lists the domains to accept."""
+    if not isinstance(raw, dict):
+        return BadRecord(location, BadReason.not_an_object, f"record is {type(raw).__name__}, expected an object")
+    prompt = raw.get(fields.prompt)
+    if prompt is None or (isinstance(prompt, str) and not prompt.strip()):
+        return BadRecord(location, BadReason.missing_prompt, f"no non-empty {fields.prompt!r} field")
+    if not isinstance(prompt, str):
+        return BadRecord(location, BadReason.wrong_type,
+                         f"field {fields.prompt!r} is {type(prompt).__name__}, expected a string")
+    parsed = [_optional_text(raw, fields.domain, location), _optional_text(raw, fields.pi, location),
+              _optional_text(raw, fields.reference, location, allow_int=True)]
+    for value in parsed:
+        if isinstance(value, BadRecord):
+            return value
+    domain, pi, reference = parsed
+    domain = domain or DEFAULT_DOMAIN
+    if domains and domain not in domains:
+        return BadRecord(location, BadReason.unknown_domain, f"domain {domain!r} is not one of {sorted(domains)}")
+    used = {fields.prompt, fields.domain, fields.pi, fields.reference}
+    metadata = {k: str(v) for k, v in raw.items()
+                if k not in used and isinstance(v, (str, int, float, bool))}
+    return Record(location, prompt, domain, pi, reference, metadata)
+
+
+def parse_json_line(line: bytes, location: int, fields: FieldNames,
+                    domains: frozenset[str] | None) -> Record | BadRecord:
+    """Decode (UTF-8 JSON) and validate one JSONL line."""
+    try:
+        raw = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        return BadRecord(location, BadReason.invalid_json, str(e))
+    return parse_record(raw, location, fields, domains)
+
+
+@dataclass(frozen=True, slots=True)
+class RecordReport:
+    """What loading one file or dataset found."""
+
+    origin: str
+    """The file path or dataset name."""
+    unit: str
+    """What ``location`` counts: "line" or "row"."""
+    total: int
+    """Records seen (blank JSONL lines are not records)."""
+    bad: tuple[BadRecord, ...]
+
+    @property
+    def fraction(self) -> float:
+        return len(self.bad) / self.total if self.total else 0.0
+
+    def counts(self) -> dict[BadReason, int]:
+        """Bad records per reason, most frequent first."""
+        return dict(Counter(b.reason for b in self.bad).most_common())
+
+    def summary(self, max_locations: int = 5) -> str:
+        """``"data.jsonl: 3 of 10 records are bad (30.0%): invalid_json 2 (lines 3, 7); ..."``."""
+        parts = []
+        for reason, count in self.counts().items():
+            where = [b.location for b in self.bad if b.reason is reason]
+            shown = ", ".join(str(x) for x in where[:max_locations]) + (", ..." if count > max_locations else "")
+            parts.append(f"{reason.value} {count} ({self.unit}s {shown})")
+        head = f"{self.origin}: {len(self.bad)} of {self.total} records are bad ({100 * self.fraction:.1f}%)"
+        return head + (": " + "; ".join(parts) if parts else "")
+
+    def check(self, max_bad_fraction: float) -> None:
+        """Raise DataError when more than ``max_bad_fraction`` of the records (or all of them) are bad."""
+        if self.total == len(self.bad):
+            raise DataError(f"{self.summary()}; no usable prompts")
+        if self.fraction > max_bad_fraction:
+            raise DataError(f"{self.summary()}; more than data.max_bad_fraction={max_bad_fraction}")
