@@ -192,13 +192,17 @@ class TrainBatch:
     """[B, S] int64 teacher of each position (index into the run's teacher list; -1 if none)."""
     reward: torch.Tensor
     """[B] fp32 verifier reward of each sequence (RLSD sign; 0 when unused)."""
+    teacher_logits: torch.Tensor | None = None
+    """[B, S, V_local] logits of an in-trainer teacher (same vocab slice as the student's; None when every
+    teacher is remote). Read by ``reverse_kl_student_topk`` at the positions routed to that teacher."""
 
     @property
     def num_tokens(self) -> int:
         return int(self.loss_mask.sum().item())
 
     def to(self, device: torch.device | str) -> TrainBatch:
-        return TrainBatch(**{f: getattr(self, f).to(device) for f in self.__dataclass_fields__})
+        return TrainBatch(**{f: None if (v := getattr(self, f)) is None else v.to(device)
+                             for f in self.__dataclass_fields__})
 
 
 LossFn = Callable[[torch.Tensor, TrainBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]

@@ -73,10 +73,14 @@ class ObjectiveConfig:
     """Truncate importance ratios above this (TIS)."""
     student_top_k: int = 32
     """reverse_kl_student_topk: entries of the student's own top-K used."""
+    credit_clip: float = 0.2
+    """rlsd: the teacher's credit weight exp(sign(reward) * log-ratio) is clipped to [1 - c, 1 + c]."""
 
     def problems(self) -> list[Problem]:
         out = positive(self, "teacher_temperature", "ratio_cap", "student_top_k")
         out += at_least(self, 0.0, "entry_clip", "token_clip")
+        if not 0.0 <= self.credit_clip < 1.0:
+            out.append(Problem("credit_clip", self.credit_clip, "must be in [0, 1)"))
         if self.name in (ObjectiveName.jsd, ObjectiveName.skew_kl) and not 0.0 < self.beta < 1.0:
             out.append(Problem("beta", self.beta,
                                "must be in (0, 1); use forward_kl_topk / reverse_kl_* for the endpoints"))
