@@ -27,11 +27,10 @@ from mopd.types import Prompt, Rollout, TeacherScores
 
 @dataclass(frozen=True, slots=True)
 class _Sequence:
-    """One sample being generated: which prompt, which sample of it, and its private generator."""
+    """One sample being generated: its prompt and its private generator."""
 
     prompt: Prompt
-    sample: int
-    generator: torch.Generator | None
+    generator: torch.Generator
 
 
 class EmbeddedEngine(Engine):
@@ -84,19 +83,36 @@ class EmbeddedEngine(Engine):
     # ------------------------------------------------------------------ generation
 
     def generate(self, prompts: Sequence[Prompt], sampling: SamplingConfig) -> list[Rollout]:
-        """``sampling.n`` rollouts per prompt, prompt-major; see the module docstring for the logprobs."""
-        seqs = [_Sequence(p, s, self._generator(sampling.seed, p.index, s)) for p in prompts for s in range(sampling.n)]
+        """``sampling.n`` rollouts per prompt, prompt-major; see the module docstring for the logprobs.
+
+        Sample ``s`` of a prompt draws from its own generator seeded with
+        ``derive_seed(sampling.seed, prompt.index, s)``, so results do not depend on batching.
+        """
+        expanded = [p for p in prompts for _ in range(sampling.n)]
+        seeds = [
+            None if sampling.seed is None else derive_seed(sampling.seed, p.index, s)
+            for p in prompts
+            for s in range(sampling.n)
+        ]
+        return self.generate_seeded(expanded, sampling, seeds)
+
+    def generate_seeded(
+        self, prompts: Sequence[Prompt], sampling: SamplingConfig, seeds: Sequence[int | None]
+    ) -> list[Rollout]:
+        """One rollout per entry of ``prompts`` (``sampling.n`` is ignored), each with its exact seed.
+
+        This is what a server does with SGLang's per-request ``sampling_seed``; None draws a seed
+        from torch's global generator.
+        """
+        seqs = [_Sequence(p, self._generator(seed)) for p, seed in zip(prompts, seeds, strict=True)]
         out: list[Rollout] = []
         for lo in range(0, len(seqs), self.max_batch_size):
             out += self._generate_batch(seqs[lo : lo + self.max_batch_size], sampling)
         return out
 
-    def _generator(self, seed: int | None, prompt_index: int, sample: int) -> torch.Generator | None:
+    def _generator(self, seed: int | None) -> torch.Generator:
         gen = torch.Generator(device=self.device)
-        if seed is None:
-            gen.manual_seed(int(torch.randint(0, 2**62, ()).item()))
-        else:
-            gen.manual_seed(derive_seed(seed, prompt_index, sample))
+        gen.manual_seed(int(torch.randint(0, 2**62, ()).item()) if seed is None else seed)
         return gen
 
     @torch.no_grad()
@@ -198,7 +214,7 @@ class EmbeddedEngine(Engine):
         return Health(ok=True, detail=f"embedded {type(self.model).__name__} on {self.device}", weight_version=self.weight_version)
 
 
-def _sample(logits: torch.Tensor, sampling: SamplingConfig, generators: list[torch.Generator | None]) -> torch.Tensor:
+def _sample(logits: torch.Tensor, sampling: SamplingConfig, generators: list[torch.Generator]) -> torch.Tensor:
     """[B] next ids from [B, V] fp32 logits: argmax at temperature 0, else temperature/top-k/top-p."""
     if sampling.temperature == 0.0:
         return logits.argmax(dim=-1)
