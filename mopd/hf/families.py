@@ -1,0 +1,165 @@
+"""HF model families the in-house mapping covers, and their config.json <-> ModelConfig translation.
+
+One table per family says what the HF architecture adds on top of the Llama layout (QKV bias for
+Qwen2, QK-norm and an explicit head_dim for Qwen3). Anything the Megatron student cannot represent
+exactly (sliding windows, rope scaling, biases on other projections, a non-SiLU activation) is
+refused with the config.json key at fault, rather than converted into a model with different logits.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mopd.config import Family, ModelConfig
+from mopd.errors import CheckpointError
+
+
+@dataclass(frozen=True, kw_only=True)
+class FamilySpec:
+    """What one HF family looks like on disk."""
+
+    family: Family
+    architecture: str
+    """`architectures[0]` in config.json."""
+    model_type: str
+    qkv_bias: bool
+    """q/k/v projections carry a bias (Qwen2)."""
+    qk_norm: bool
+    """RMSNorm on each query/key head (Qwen3)."""
+
+
+FAMILIES: dict[Family, FamilySpec] = {
+    Family.llama: FamilySpec(family=Family.llama, architecture="LlamaForCausalLM", model_type="llama",
+                             qkv_bias=False, qk_norm=False),
+    Family.mistral: FamilySpec(family=Family.mistral, architecture="MistralForCausalLM", model_type="mistral",
+                               qkv_bias=False, qk_norm=False),
+    Family.qwen2: FamilySpec(family=Family.qwen2, architecture="Qwen2ForCausalLM", model_type="qwen2",
+                             qkv_bias=True, qk_norm=False),
+    Family.qwen3: FamilySpec(family=Family.qwen3, architecture="Qwen3ForCausalLM", model_type="qwen3",
+                             qkv_bias=False, qk_norm=True),
+}
+_BY_ARCH = {spec.architecture: spec for spec in FAMILIES.values()}
+_BY_TYPE = {spec.model_type: spec for spec in FAMILIES.values()}
+
+
+def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
+    """config.json of an HF checkpoint folder, as a plain dict."""
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist; an HF checkpoint folder needs its config.json")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
+
+
+def detect_family(hf_config: dict[str, Any]) -> FamilySpec:
+    """The family of an HF config, from `architectures` (or `model_type` when that is missing)."""
+    archs = hf_config.get("architectures") or []
+    for arch in archs:
+        if arch in _BY_ARCH:
+            return _BY_ARCH[arch]
+    model_type = hf_config.get("model_type")
+    if not archs and model_type in _BY_TYPE:
+        return _BY_TYPE[model_type]
+    known = ", ".join(sorted(_BY_ARCH))
+    raise CheckpointError(
+        f"config.json: architectures={archs} (model_type={model_type!r}) is not supported by the built-in "
+        f"mapping (supported: {known}); use --backend bridge for other families")
+
+
+def model_config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
+    """The mopd ModelConfig that reproduces an HF config.json exactly, or a CheckpointError naming the key."""
+    spec = detect_family(hf_config)
+    _refuse_unsupported(hf_config, spec)
+    heads = _required(hf_config, "num_attention_heads")
+    hidden = _required(hf_config, "hidden_size")
+    head_dim = hf_config.get("head_dim") or hidden // heads
+    return ModelConfig(
+        family=spec.family,
+        num_layers=_required(hf_config, "num_hidden_layers"),
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_query_groups=hf_config.get("num_key_value_heads") or heads,
+        head_dim=head_dim,
+        ffn_hidden_size=_required(hf_config, "intermediate_size"),
+        vocab_size=_required(hf_config, "vocab_size"),
+        max_position_embeddings=hf_config.get("max_position_embeddings", 2048),
+        rope_theta=float(_rope_theta(hf_config)),
+        rms_norm_eps=float(hf_config.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
+        qk_layernorm=spec.qk_norm,
+        add_qkv_bias=spec.qkv_bias,
+        init_method_std=float(hf_config.get("initializer_range", 0.02)),
+    )
+
+
+def hf_config_from_model(model: ModelConfig, *, dtype: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """config.json for an HF export of `model`; `extra` carries token ids etc. from the original config."""
+    spec = FAMILIES[model.family]
+    heads = model.num_attention_heads
+    out: dict[str, Any] = dict(extra or {})
+    out.update(
+        architectures=[spec.architecture],
+        model_type=spec.model_type,
+        vocab_size=model.vocab_size,
+        hidden_size=model.hidden_size,
+        intermediate_size=model.ffn_hidden_size,
+        num_hidden_layers=model.num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=model.num_query_groups or heads,
+        head_dim=model.head_dim or model.hidden_size // heads,
+        hidden_act="silu",
+        max_position_embeddings=model.max_position_embeddings,
+        rms_norm_eps=model.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": model.rope_theta},
+        tie_word_embeddings=model.tie_word_embeddings,
+        initializer_range=model.init_method_std,
+        dtype=dtype,
+    )
+    out.pop("rope_theta", None)
+    out.pop("rope_scaling", None)
+    if spec.family in (Family.llama, Family.qwen3):
+        out["attention_bias"] = False
+    if spec.family == Family.llama:
+        out["mlp_bias"] = False
+    return out
+
+
+def _required(hf_config: dict[str, Any], key: str) -> int:
+    if key not in hf_config:
+        raise CheckpointError(f"config.json: required key {key!r} is missing")
+    return hf_config[key]
+
+
+def _rope_theta(hf_config: dict[str, Any]) -> float:
+    params = hf_config.get("rope_parameters") or {}
+    return params.get("rope_theta", hf_config.get("rope_theta", 10000.0))
+
+
+def _refuse_unsupported(hf_config: dict[str, Any], spec: FamilySpec) -> None:
+    """Settings the Megatron student would silently get wrong; each names its config.json key."""
+    problems = []
+    if hf_config.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act={hf_config['hidden_act']!r} (only 'silu' / SwiGLU is supported)")
+    rope = hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        problems.append(f"rope type {rope_type!r} (only unscaled RoPE is supported; use --backend bridge)")
+    if hf_config.get("mlp_bias"):
+        problems.append("mlp_bias=true")
+    if spec.family in (Family.llama, Family.mistral, Family.qwen3) and hf_config.get("attention_bias"):
+        problems.append("attention_bias=true")
+    window = hf_config.get("sliding_window")
+    uses_window = hf_config.get("use_sliding_window", spec.family == Family.mistral)
+    if window is not None and uses_window:
+        problems.append(f"sliding_window={window} (sliding-window attention is not supported)")
+    if problems:
+        raise CheckpointError(f"config.json ({spec.architecture}): unsupported " + "; ".join(problems))
+
+
+__all__ = ["FAMILIES", "FamilySpec", "detect_family", "hf_config_from_model", "model_config_from_hf",
+           "read_hf_config"]

@@ -1,0 +1,86 @@
+"""The Megatron checkpoint layout of a ModelConfig, taken from a GPTModel built on the meta device.
+
+The converter never guesses Megatron's checkpoint keys: it builds the real GPTModel (local layer spec,
+TP=1, PP=1) on the meta device, which costs no memory, and asks it for `sharded_state_dict()`. Keys,
+global shapes, the stacked layer axis and the SwiGLU split of linear_fc1 are then exactly what a
+training run's `dist_checkpointing.load` expects; resharding to another TP/PP happens at load time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from mopd.config import ModelConfig
+from mopd.errors import CheckpointError
+
+
+def transformer_config(cfg: ModelConfig, dtype: torch.dtype, *, tp: int = 1, pp: int = 1):
+    """Megatron TransformerConfig of a Llama-style decoder (RMSNorm, SwiGLU, RoPE, GQA), CPU-initialised."""
+    from megatron.core.transformer import TransformerConfig
+
+    return TransformerConfig(
+        num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups or cfg.num_attention_heads, kv_channels=cfg.head_dim,
+        ffn_hidden_size=cfg.ffn_hidden_size, normalization="RMSNorm", layernorm_epsilon=cfg.rms_norm_eps,
+        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, add_qkv_bias=cfg.add_qkv_bias,
+        qk_layernorm=cfg.qk_layernorm, init_method_std=cfg.init_method_std,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0, bias_dropout_fusion=False,
+        apply_rope_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+    )
+
+
+def build_gpt(cfg: ModelConfig, padded_vocab: int, dtype: torch.dtype, *, tp: int = 1, pp: int = 1,
+              pre_process: bool = True, post_process: bool = True):
+    """A Megatron GPTModel (local spec) for `cfg` in the current parallel state, on the current device."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    spec = get_gpt_layer_local_spec(qk_layernorm=cfg.qk_layernorm, normalization="RMSNorm")
+    return GPTModel(
+        config=transformer_config(cfg, dtype, tp=tp, pp=pp), transformer_layer_spec=spec, vocab_size=padded_vocab,
+        max_sequence_length=cfg.max_position_embeddings, pre_process=pre_process, post_process=post_process,
+        share_embeddings_and_output_weights=cfg.tie_word_embeddings, position_embedding_type="rope",
+        rotary_base=int(cfg.rope_theta) if float(cfg.rope_theta).is_integer() else cfg.rope_theta,
+    )
+
+
+def meta_sharded_state_dict(cfg: ModelConfig, padded_vocab: int, dtype: torch.dtype) -> dict:
+    """`GPTModel.sharded_state_dict()` of the whole model (TP=1, PP=1) with meta-device data."""
+    with torch.device("meta"):
+        model = build_gpt(cfg, padded_vocab, dtype)
+    return model.sharded_state_dict()
+
+
+@contextlib.contextmanager
+def single_process_megatron() -> Iterator[None]:
+    """A world-size-1 gloo group and Megatron parallel state (TP=PP=1) for the converter, torn down after.
+
+    The store lives in memory (no port), so conversions can run side by side on one machine.
+    """
+    from megatron.core import parallel_state
+
+    if torch.distributed.is_initialized():
+        if torch.distributed.get_world_size() != 1:
+            raise CheckpointError("HF import/export runs in a single process; call it outside a distributed job "
+                                  "(inside one, stream with mopd.hf.megatron_to_hf instead)")
+        yield
+        return
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        parallel_state.initialize_model_parallel(1, 1)
+        yield
+    finally:
+        parallel_state.destroy_model_parallel()
+        torch.distributed.destroy_process_group()
+
+
+__all__ = ["build_gpt", "meta_sharded_state_dict", "single_process_megatron", "transformer_config"]

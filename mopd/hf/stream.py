@@ -1,0 +1,175 @@
+"""Streaming safetensors IO: read HF tensors one at a time, write shards without holding them.
+
+Reading memory-maps each shard (safetensors `safe_open`) and copies out one tensor per call.
+Writing plans every shard up front from (name, shape, dtype) alone, writes each shard's header
+first and then appends tensor bytes as they arrive, so a writer holds no tensor after `write`
+returns: an export's peak memory is one tensor group, not one shard.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+from safetensors import safe_open
+
+from mopd.errors import CheckpointError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+_DTYPE_CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+class HFReader:
+    """The tensors of an HF checkpoint folder (sharded with an index, or one model.safetensors)."""
+
+    def __init__(self, hf_dir: str | Path):
+        self.root = Path(hf_dir)
+        self._file_of = self._index()
+        self._handles: dict[str, object] = {}
+
+    def _index(self) -> dict[str, str]:
+        index = self.root / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as exc:
+                raise CheckpointError(f"{index} is not a safetensors index (needs 'weight_map'): {exc}") from None
+            for file in sorted(set(weight_map.values())):
+                if not (self.root / file).is_file():
+                    raise CheckpointError(f"{index} lists shard {file}, which does not exist in {self.root}")
+            return dict(weight_map)
+        single = self.root / SINGLE_NAME
+        if not single.is_file():
+            raise CheckpointError(f"{self.root} has neither {INDEX_NAME} nor {SINGLE_NAME}"
+                                  " (only safetensors checkpoints are supported)")
+        with safe_open(single, framework="pt") as handle:
+            return {name: SINGLE_NAME for name in handle.keys()}
+
+    def names(self) -> list[str]:
+        return list(self._file_of)
+
+    def _handle(self, name: str):
+        if name not in self._file_of:
+            raise CheckpointError(f"tensor {name!r} is missing from the HF checkpoint in {self.root}")
+        file = self._file_of[name]
+        if file not in self._handles:
+            self._handles[file] = safe_open(self.root / file, framework="pt")
+        return self._handles[file]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        """A copy of one tensor (the memory map is not kept alive by the result)."""
+        return self._handle(name).get_tensor(name)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+class ShardedSafetensorsWriter:
+    """Writes planned tensors into `model-0000i-of-0000n.safetensors` shards plus the index.
+
+    Tensors must arrive in plan order (`write` checks name, shape and dtype); `close` verifies that
+    every planned tensor was written. Shards hold at most `max_shard_bytes` (one larger tensor gets a
+    shard of its own).
+    """
+
+    def __init__(self, out_dir: str | Path, specs: Iterable[TensorSpec], *, max_shard_bytes: int = 5 * 2**30):
+        self.out_dir = Path(out_dir)
+        self.specs = list(specs)
+        self.shards = _plan_shards(self.specs, max_shard_bytes)
+        self._next = 0
+        self._shard_no = -1
+        self._stream: BinaryIO | None = None
+        self._left_in_shard = 0
+        n = len(self.shards)
+        self.files = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self._next >= len(self.specs):
+            raise CheckpointError(f"unexpected extra tensor {name!r}: all {len(self.specs)} planned tensors are written")
+        spec = self.specs[self._next]
+        if (name, tuple(tensor.shape), tensor.dtype) != (spec.name, spec.shape, spec.dtype):
+            raise CheckpointError(f"tensor {name!r} {tuple(tensor.shape)} {tensor.dtype} arrived where "
+                                  f"{spec.name!r} {spec.shape} {spec.dtype} was planned")
+        if self._left_in_shard == 0:
+            self._open_next_shard()
+        data = tensor.detach().contiguous().cpu()
+        self._stream.write(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        self._next += 1
+        self._left_in_shard -= 1
+
+    def close(self, metadata: dict[str, str] | None = None) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+        if self._next != len(self.specs):
+            missing = [s.name for s in self.specs[self._next:]]
+            raise CheckpointError(f"export stopped before {len(missing)} tensors were written (first: {missing[0]!r})")
+        if len(self.files) > 1:
+            weight_map = {spec.name: self.files[i] for i, shard in enumerate(self.shards) for spec in shard}
+            total = sum(spec.nbytes for spec in self.specs)
+            index = {"metadata": {"total_size": total, **(metadata or {})}, "weight_map": weight_map}
+            (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+    def _open_next_shard(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+        self._shard_no += 1
+        shard = self.shards[self._shard_no]
+        self._stream = open(self.out_dir / self.files[self._shard_no], "wb")
+        self._stream.write(_header(shard))
+        self._left_in_shard = len(shard)
+
+
+def _plan_shards(specs: list[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards
+
+
+def _header(shard: list[TensorSpec]) -> bytes:
+    """The safetensors header: 8-byte little-endian length, then JSON padded with spaces to 8 bytes."""
+    entries: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for spec in shard:
+        if spec.dtype not in _DTYPE_CODES:
+            raise CheckpointError(f"tensor {spec.name!r}: dtype {spec.dtype} cannot be written to safetensors")
+        entries[spec.name] = {"dtype": _DTYPE_CODES[spec.dtype], "shape": list(spec.shape),
+                              "data_offsets": [offset, offset + spec.nbytes]}
+        offset += spec.nbytes
+    body = json.dumps(entries, separators=(",", ":")).encode()
+    body += b" " * (-len(body) % 8)
+    return struct.pack("<Q", len(body)) + body
+
+
+__all__ = ["HFReader", "INDEX_NAME", "SINGLE_NAME", "ShardedSafetensorsWriter", "TensorSpec"]
