@@ -129,7 +129,7 @@ class RecordReport:
         for reason, count in self.counts().items():
             where = [b.location for b in self.bad if b.reason is reason]
             shown = ", ".join(str(x) for x in where[:max_locations]) + (", ..." if count > max_locations else "")
-            parts.append(f"{reason.value} {count} ({self.unit}s {shown})")
+            parts.append(f"{reason.value} {count} ({self.unit}{'s' if count > 1 else ''} {shown})")
         head = f"{self.origin}: {len(self.bad)} of {self.total} records are bad ({100 * self.fraction:.1f}%)"
         return head + (": " + "; ".join(parts) if parts else "")
 
