@@ -1,0 +1,226 @@
+"""Log-probabilities of selected tokens from vocab-parallel logits, without gathering the vocabulary.
+
+Layout (Megatron's): tensor-parallel rank ``r`` holds logits columns ``[vocab_start, vocab_start + V_local)``
+of the padded vocabulary. Columns ``>= vocab_size`` (the true tokenizer vocabulary) are padding: they
+get probability zero, are never selected and receive zero gradient.
+
+Every objective in this package reads the student only through
+
+    log p(v)    for a few ids v per row (teacher top-K, the sampled token, the student's top-k), and
+    log p(S^c)  the log-mass outside the first ``tail_cols`` ids of the row (the "tail bucket"),
+
+so one custom autograd Function computes both. The tail is summed directly over the complement (with its
+own max), never as ``log(1 - sum p)``, which loses all precision when the top-K covers almost all mass.
+
+Memory: the forward keeps only [n, K] outputs and two [n] statistics; the backward recomputes the
+softmax chunk by chunk, so beyond the [N, V_local] gradient (in the logits' dtype) the peak extra memory
+is two fp32 [chunk_tokens, V_local] buffers. Collectives per chunk: one MAX and one SUM all-reduce of
+[chunk, K+3] elements over ``tp_group``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True, slots=True)
+class VocabShard:
+    """Where this rank's logits sit in the vocabulary, and the group that holds the rest."""
+
+    vocab_start: int
+    """First global column of this rank's shard."""
+    vocab_size: int
+    """True tokenizer vocabulary; global columns at or above it are padding."""
+    tp_group: dist.ProcessGroup | None = None
+    """Tensor-parallel group the vocabulary is split over; None for TP=1."""
+
+    def valid_columns(self, v_local: int) -> int:
+        """Number of leading local columns that are real tokens (padding sits at the end)."""
+        return max(0, min(v_local, self.vocab_size - self.vocab_start))
+
+    def all_reduce(self, t: torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:
+        if self.tp_group is not None and dist.get_world_size(self.tp_group) > 1:
+            dist.all_reduce(t, op=op, group=self.tp_group)
+        return t
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """[tp, *t.shape] (a leading dim of 1 at TP=1)."""
+        if self.tp_group is None or dist.get_world_size(self.tp_group) == 1:
+            return t.unsqueeze(0)
+        out = [torch.empty_like(t) for _ in range(dist.get_world_size(self.tp_group))]
+        dist.all_gather(out, t.contiguous(), group=self.tp_group)
+        return torch.stack(out)
+
+
+def _owned(ids: torch.Tensor, shard: VocabShard, n_valid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask of ids in this shard, local column index clamped to 0 where not owned)."""
+    local = ids.long() - shard.vocab_start
+    owned = (local >= 0) & (local < n_valid)
+    return owned, torch.where(owned, local, 0)
+
+
+def _first_occurrence(ids: torch.Tensor) -> torch.Tensor:
+    """[n, K] bool: True at the first occurrence of each id within its row (set semantics for S)."""
+    sorted_ids, order = ids.sort(dim=-1, stable=True)
+    first_sorted = torch.ones_like(sorted_ids, dtype=torch.bool)
+    first_sorted[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
+    return torch.empty_like(first_sorted).scatter_(1, order, first_sorted)
+
+
+def _forward_chunk(
+    chunk: torch.Tensor, ids: torch.Tensor, tail_cols: int, scale: float, shard: VocabShard
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One chunk of rows: (log p at ids [n, K'], lse [n], log tail mass [n]) with global statistics."""
+    n_valid = shard.valid_columns(chunk.shape[1])
+    t = chunk[:, :n_valid].float()  # the one fp32 copy of this chunk
+    if scale != 1.0:
+        t.mul_(scale)
+    owned, local = _owned(ids, shard, n_valid)
+    sel = torch.where(owned, t.gather(1, local), 0.0) if n_valid else torch.zeros(ids.shape, device=t.device)
+    row_max = t.max(dim=1).values if n_valid else torch.full((t.shape[0],), NEG_INF, device=t.device)
+    s_owned, s_local = owned[:, :tail_cols], local[:, :tail_cols]
+    if tail_cols and n_valid:
+        # Hide S from the complement: amin with +inf is a no-op, so unowned ids may all point at column 0.
+        hide = torch.where(s_owned, NEG_INF, float("inf"))
+        t.scatter_reduce_(1, s_local, hide, reduce="amin")
+    comp_max = t.max(dim=1).values if n_valid else row_max.clone()
+    maxes = shard.all_reduce(torch.stack([row_max, comp_max], dim=1), dist.ReduceOp.MAX)
+    row_max, comp_max = maxes[:, 0], torch.where(torch.isfinite(maxes[:, 1]), maxes[:, 1], 0.0)
+    comp_sum = t.sub_(comp_max[:, None]).exp_().sum(dim=1) if n_valid else torch.zeros_like(row_max)
+    distinct = owned[:, :tail_cols] & _first_occurrence(ids[:, :tail_cols])
+    s_sum = torch.where(distinct, (sel[:, :tail_cols] - row_max[:, None]).exp(), 0.0).sum(dim=1)
+    sums = shard.all_reduce(torch.cat([sel, s_sum[:, None], comp_sum[:, None]], dim=1), dist.ReduceOp.SUM)
+    sel, s_sum, comp_sum = sums[:, :-2], sums[:, -2], sums[:, -1]
+    total = s_sum + comp_sum * (comp_max - row_max).exp()
+    lse = row_max + total.log()
+    return sel - lse[:, None], lse, comp_max + comp_sum.log() - lse
+
+
+def _backward_chunk(
+    chunk: torch.Tensor, ids: torch.Tensor, tail_cols: int, scale: float, shard: VocabShard,
+    lse: torch.Tensor, log_tail: torch.Tensor, g_sel: torch.Tensor, g_tail: torch.Tensor,
+) -> torch.Tensor:
+    """d loss / d chunk over the valid columns, fp32 [n, n_valid].
+
+    d log p(v)/d l_u = 1[u=v] - p_u;  d log p(S^c)/d l_u = 1[u not in S] p_u / p(S^c) - p_u.
+    """
+    n_valid = shard.valid_columns(chunk.shape[1])
+    t = chunk[:, :n_valid].float()
+    if n_valid == 0:
+        return t
+    if scale != 1.0:
+        t.mul_(scale)
+    t.sub_(lse[:, None])  # log p
+    owned, local = _owned(ids, shard, n_valid)
+    finite_tail = torch.isfinite(log_tail)
+    g_tail = torch.where(finite_tail, g_tail, 0.0)
+    q = None
+    if tail_cols:
+        # p_u / p(S^c) <= 1 off S; the clamp only stops overflow on S entries, which are zeroed next.
+        q = (t - torch.where(finite_tail, log_tail, 0.0)[:, None]).clamp_(max=0.0).exp_()
+        keep = torch.where(owned[:, :tail_cols], 0.0, 1.0)
+        q.scatter_reduce_(1, local[:, :tail_cols], keep, reduce="prod").mul_(g_tail[:, None])
+    t.exp_().mul_(-(g_sel.sum(dim=1) + g_tail)[:, None])
+    if q is not None:
+        t.add_(q)
+    t.scatter_add_(1, local, torch.where(owned, g_sel, 0.0))
+    return t.mul_(scale) if scale != 1.0 else t
+
+
+class _SelectLogprobs(torch.autograd.Function):
+    """Chunked vocab-parallel (log p at ids, log tail mass); backward recomputes the softmax per chunk."""
+
+    @staticmethod
+    def forward(ctx, logits, rows, ids, tail_cols, scale, shard, chunk_tokens):  # noqa: D401
+        n = rows.shape[0]
+        out_sel = torch.empty(ids.shape, dtype=torch.float32, device=logits.device)
+        out_lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+        out_tail = torch.empty(n, dtype=torch.float32, device=logits.device)
+        for a in range(0, n, chunk_tokens):
+            b = min(n, a + chunk_tokens)
+            sel, lse, tail = _forward_chunk(logits[rows[a:b]], ids[a:b], tail_cols, scale, shard)
+            out_sel[a:b], out_lse[a:b], out_tail[a:b] = sel, lse, tail
+        ctx.save_for_backward(logits, rows, ids, out_lse, out_tail)
+        ctx.args = (tail_cols, scale, shard, chunk_tokens)
+        ctx.mark_non_differentiable(out_lse)
+        return out_sel, out_tail, out_lse
+
+    @staticmethod
+    def backward(ctx, g_sel, g_tail, _g_lse):
+        logits, rows, ids, lse, log_tail = ctx.saved_tensors
+        tail_cols, scale, shard, chunk_tokens = ctx.args
+        g_sel = torch.zeros_like(ids, dtype=torch.float32) if g_sel is None else g_sel.float()
+        g_tail = torch.zeros_like(lse) if g_tail is None else g_tail.float()
+        grad = torch.zeros_like(logits)  # padding columns and unselected rows stay exactly zero
+        for a in range(0, rows.shape[0], chunk_tokens):
+            b = min(rows.shape[0], a + chunk_tokens)
+            g = _backward_chunk(logits[rows[a:b]], ids[a:b], tail_cols, scale, shard,
+                                lse[a:b], log_tail[a:b], g_sel[a:b], g_tail[a:b])
+            grad[rows[a:b], : g.shape[1]] = g.to(grad.dtype)
+        return grad, None, None, None, None, None, None
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """Student (or in-trainer teacher) log-probabilities at chosen ids, for n rows."""
+
+    logp: torch.Tensor
+    """[n, K'] fp32 log p(ids); differentiable w.r.t. the logits."""
+    log_tail: torch.Tensor
+    """[n] fp32 log of the mass outside the first ``tail_cols`` ids of each row (-inf if none)."""
+    lse: torch.Tensor
+    """[n] fp32 log-partition over the true vocabulary (no gradient; for diagnostics)."""
+
+
+def select_logprobs(
+    logits: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, shard: VocabShard, *,
+    tail_cols: int = 0, temperature: float = 1.0, chunk_tokens: int = 1024,
+) -> Selection:
+    """Log-probabilities of ``softmax(logits / temperature)`` at global ``ids`` for the given rows.
+
+    logits: [N, V_local] this rank's vocabulary slice (any float dtype; never upcast beyond one chunk).
+    rows:   [n] int64 distinct row indices into ``logits`` to evaluate (e.g. the valid response tokens).
+    ids:    [n, K'] global token ids in ``[0, vocab_size)``, identical on every TP rank.
+    tail_cols: the first ``tail_cols`` columns of ``ids`` define the set S whose complement is the tail.
+    Every TP rank must call this with the same rows/ids (it runs collectives on ``shard.tp_group``).
+    """
+    if logits.dim() != 2 or ids.dim() != 2 or ids.shape[0] != rows.shape[0]:
+        raise ValueError(f"select_logprobs: logits {tuple(logits.shape)}, rows {tuple(rows.shape)}, "
+                         f"ids {tuple(ids.shape)} do not fit [N, V_local], [n], [n, K]")
+    sel, tail, lse = _SelectLogprobs.apply(logits, rows.long(), ids.long(), tail_cols, 1.0 / temperature,
+                                           shard, max(1, chunk_tokens))
+    return Selection(logp=sel, log_tail=tail, lse=lse)
+
+
+@torch.no_grad()
+def global_topk_ids(
+    logits: torch.Tensor, rows: torch.Tensor, k: int, shard: VocabShard, *, chunk_tokens: int = 1024
+) -> torch.Tensor:
+    """[n, k] int64 global ids of the k largest logits of each row over the TRUE vocabulary (all TP ranks).
+
+    Padding columns are never chosen; k is capped at ``vocab_size``. Ties resolve to the lower id.
+    """
+    k = min(k, shard.vocab_size)
+    out = torch.empty(rows.shape[0], k, dtype=torch.long, device=logits.device)
+    for a in range(0, rows.shape[0], chunk_tokens):
+        b = min(rows.shape[0], a + chunk_tokens)
+        chunk = logits[rows[a:b]]
+        n_valid = shard.valid_columns(chunk.shape[1])
+        kk = min(k, n_valid)
+        vals, idx = chunk[:, :n_valid].float().topk(kk, dim=1)
+        pad = k - kk  # a rank with fewer real columns than k pads with -inf candidates
+        vals = torch.cat([vals, vals.new_full((b - a, pad), NEG_INF)], dim=1)
+        idx = torch.cat([idx + shard.vocab_start, idx.new_full((b - a, pad), shard.vocab_size)], dim=1)
+        all_vals = shard.all_gather(vals).permute(1, 0, 2).reshape(b - a, -1)
+        all_idx = shard.all_gather(idx).permute(1, 0, 2).reshape(b - a, -1)
+        # Sort by (value desc, id asc) so every rank picks the same ids on ties.
+        order = torch.argsort(all_idx, dim=1, stable=True)
+        all_vals, all_idx = all_vals.gather(1, order), all_idx.gather(1, order)
+        best = torch.argsort(all_vals, dim=1, descending=True, stable=True)[:, :k]
+        out[a:b] = all_idx.gather(1, best)
+    return out
