@@ -91,8 +91,15 @@ class EvalResult:
 
     def metrics(self, prefix: str = "eval") -> dict[str, float]:
         """Flat metrics for the logger: ``eval/<domain>/greedy_accuracy``, ``eval/<domain>/pass@k``,
-        ``eval/<domain>/markers/<marker>`` (spaces as underscores), ``eval/<domain>/num_prompts``."""
+        ``eval/<domain>/markers/<marker>`` (spaces as underscores), ``eval/<domain>/num_prompts``, and the
+        unweighted mean over domains of accuracy and pass@k as ``eval/mean/...``."""
         out: dict[str, float] = {}
+        greedy = [d.greedy_accuracy for d in self.domains if d.greedy_accuracy is not None]
+        if greedy:
+            out[f"{prefix}/mean/greedy_accuracy"] = sum(greedy) / len(greedy)
+        for k in sorted({k for d in self.domains for k in d.pass_at}):
+            values = [d.pass_at[k] for d in self.domains if k in d.pass_at]
+            out[f"{prefix}/mean/pass@{k}"] = sum(values) / len(values)
         for d in self.domains:
             key = f"{prefix}/{d.domain}"
             out[f"{key}/num_prompts"] = float(d.num_prompts)

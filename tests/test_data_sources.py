@@ -63,6 +63,8 @@ def test_jsonl_loads_good_records_and_reports_each_bad_line_with_its_reason(tmp_
     assert report.counts() == {BadReason.invalid_json: 2, BadReason.missing_prompt: 2, BadReason.wrong_type: 2,
                                BadReason.unknown_domain: 2, BadReason.too_long: 1, BadReason.not_an_object: 1}
     assert "46 tokens > data.max_prompt_tokens=20" in report.bad[4].detail
+    assert report.bad[3].detail == "domain 'poetry' is not one of data.domains ['addition', 'reverse']"
+    assert report.bad[7].detail.startswith("no 'domain' field, so domain 'default', is not one of data.domains")
 
 
 def test_too_many_bad_lines_stop_loading_with_the_file_counts_and_line_numbers(tmp_path):

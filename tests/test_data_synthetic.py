@@ -88,7 +88,8 @@ def test_domain_sizes_match_the_documented_ranges():
     lengths = {len(ex.reference) for ex in generate("reverse", 500)}
     assert lengths == set(range(3, 9))
     assert {len(ex.reference) for ex in generate("sort", 500)} == set(range(3, 7))
-    assert all(re.fullmatch(r"add:\d\d\+\d\d=", ex.prompt) and len(ex.reference) == 3 for ex in generate("addition", 300))
+    additions = generate("addition", 300)
+    assert all(re.fullmatch(r"add:\d\d\+\d\d=", ex.prompt) and len(ex.reference) == 3 for ex in additions)
     assert all(re.fullmatch(r"add3:\d{3}\+\d{3}=", ex.prompt) for ex in generate("addition3", 300))
 
 

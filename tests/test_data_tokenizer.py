@@ -47,7 +47,8 @@ def test_saved_tokenizer_loads_with_autotokenizer_and_encodes_identically(tmp_pa
     assert loaded.encode(SAMPLE) == expected_ids(SAMPLE)
     assert loaded.decode(loaded.encode(SAMPLE), skip_special_tokens=True) == SAMPLE
     assert loaded.get_vocab() == tok.get_vocab()
-    assert (loaded.bos_token, loaded.eos_token, loaded.pad_token, loaded.unk_token) == ("<bos>", "<eos>", "<pad>", "<unk>")
+    specials = (loaded.bos_token, loaded.eos_token, loaded.pad_token, loaded.unk_token)
+    assert specials == ("<bos>", "<eos>", "<pad>", "<unk>")
     # An HF export copies tokenizer.json; the bare `tokenizers` library must read it the same way.
     bare = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
     assert bare.encode(SAMPLE).ids == expected_ids(SAMPLE)

@@ -78,6 +78,8 @@ def test_evaluate_reports_greedy_accuracy_pass_at_k_and_markers_per_domain():
     assert metrics["eval/addition/pass@4"] == 1.0
     assert metrics["eval/reverse/markers/let_me_check"] == 0.0
     assert metrics["eval/addition/num_prompts"] == 1.0
+    assert metrics["eval/mean/greedy_accuracy"] == 0.75
+    assert metrics["eval/mean/pass@1"] == pytest.approx((rev.pass_at[1] + 3 / 4) / 2)
 
 
 def test_greedy_only_evaluation_has_no_pass_at_k_and_custom_verifiers_are_used():

@@ -84,9 +84,10 @@ def parse_record(raw: object, location: int, fields: FieldNames, domains: frozen
         if isinstance(value, BadRecord):
             return value
     domain, pi, reference = parsed
+    if domains and (domain or DEFAULT_DOMAIN) not in domains:
+        what = f"domain {domain!r}" if domain else f"no {fields.domain!r} field, so domain {DEFAULT_DOMAIN!r},"
+        return BadRecord(location, BadReason.unknown_domain, f"{what} is not one of data.domains {sorted(domains)}")
     domain = domain or DEFAULT_DOMAIN
-    if domains and domain not in domains:
-        return BadRecord(location, BadReason.unknown_domain, f"domain {domain!r} is not one of {sorted(domains)}")
     used = {fields.prompt, fields.domain, fields.pi, fields.reference}
     metadata = {k: str(v) for k, v in raw.items()
                 if k not in used and isinstance(v, (str, int, float, bool))}
