@@ -6,6 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from mopd.config import load_config
 from mopd.config.run import DataConfig
 from mopd.data.records import BadReason
 from mopd.data.sources import PromptRenderer, build_source, hf_source, jsonl_source, synthetic_source
@@ -163,4 +164,7 @@ def test_prompts_are_rendered_with_the_chat_template_when_the_tokenizer_has_one(
     assert p.ids.tolist() == TOK.encode("<user>rev:abc=\n<assistant>")  # one <bos>, from the template
     render = PromptRenderer(tok, {"enable_thinking": False})
     assert render("hi") == TOK.encode("<user>hi\n<assistant>/nothink ")
+    cfg = load_config(overrides=["data.source=jsonl", f"data.path={path}", "data.enable_thinking=false"]).data
+    (p,) = build_source(cfg, tok)
+    assert p.ids.tolist() == TOK.encode("<user>rev:abc=\n<assistant>/nothink ")
     assert not PromptRenderer(TOK).uses_chat_template and PromptRenderer(tok).uses_chat_template

@@ -47,6 +47,9 @@ class DataConfig:
     """Stop the run if more than this fraction of records is malformed."""
     num_prompts: int = 1000
     """Synthetic: prompts per domain."""
+    enable_thinking: bool | None = None
+    """Passed to the tokenizer's chat template as ``enable_thinking`` (Qwen3-style thinking on/off);
+    null passes nothing. Ignored when the tokenizer has no chat template."""
 
     def problems(self) -> list[Problem]:
         out = positive(self, "max_prompt_tokens", "num_prompts")

@@ -191,9 +191,14 @@ def synthetic_source(tokenizer: PreTrainedTokenizerBase, domains: Iterable[str],
 def build_source(config: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0, split: str | None = None,
                  pi_mode: PiMode = PiMode.answer, cache_dir: str | None = None,
                  chat_template_kwargs: Mapping[str, Any] | None = None) -> PromptSource:
-    """The source ``config`` describes; ``split`` overrides ``config.split`` (e.g. "eval" for evaluation)."""
+    """The source ``config`` describes; ``split`` overrides ``config.split`` (e.g. "eval" for evaluation).
+
+    A JSONL file has no splits: ``split`` only applies to synthetic and HF sources, so evaluate JSONL
+    prompts by pointing ``data.path`` at a separate file."""
     if split is not None and split != config.split:
         config = replace(config, split=split)
+    if config.enable_thinking is not None:
+        chat_template_kwargs = {"enable_thinking": config.enable_thinking, **(chat_template_kwargs or {})}
     if config.source == "synthetic":
         return synthetic_source(tokenizer, config.domains, config.num_prompts, config.split, seed, pi_mode,
                                 config.max_prompt_tokens, chat_template_kwargs)
