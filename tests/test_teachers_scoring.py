@@ -4,16 +4,17 @@ TrainBatch alignment rule, position by position), against direct forward passes 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mopd.config import RouteGranularity, RouterConfig, SamplingConfig, TeacherConfig, TokenRule
+from mopd.config import RouteGranularity, RouterConfig, SamplingConfig, TeacherConfig, TeacherKind, TokenRule
 from mopd.data.tokenizer import build_char_tokenizer
 from mopd.errors import TeacherError
 from mopd.rollout.embedded import EmbeddedEngine
-from mopd.teachers import ExpertTeacher, Router, build_train_batches, score_batch
+from mopd.teachers import ExpertTeacher, Router, build_teachers, build_train_batches, score_batch
 from mopd.types import Prompt, Rollout, Routing, TeacherScores
 
 K = 5
@@ -110,6 +111,66 @@ def test_token_routing_by_confidence_scores_every_token_with_every_teacher_once_
             assert_rows_match(scores, lo + t, rows[int(best[t])][t : t + 1], r.response_ids[t : t + 1], f"{b}/{t}")
         lo += r.response_ids.numel()
     assert routing.index.tolist() == chosen and 0 < sum(chosen) < len(chosen)
+
+
+def test_mixture_routing_scores_every_token_with_the_exact_mixture_logprob_of_the_sampled_token(setup):
+    _, rollouts, configs, models = setup
+    ts = teachers(setup)
+    router = Router(RouterConfig(granularity=RouteGranularity.token, token_rule=TokenRule.mixture,
+                                 mixture={"rev": 1.0, "add": 3.0}), configs)
+    routing, scores = score_batch(rollouts, ts, router, K, concurrent=True)
+    assert [t.engine.calls for t in ts] == [1, 1]
+    ref = []
+    for r in rollouts:
+        rows = [direct_rows(m, r).exp() for m in models]
+        mix = 0.25 * rows[0] + 0.75 * rows[1]  # [T, V] full-vocabulary mixture, float64
+        ref.append(mix[torch.arange(r.response_ids.numel()), r.response_ids].log())
+    assert torch.allclose(scores.sampled_logprob.double(), torch.cat(ref), atol=1e-5)
+    # The truncated top-K + tail is a distribution: entries and tail sum to one.
+    total = scores.topk_logprobs.double().exp().sum(1) + scores.tail_logmass.double().exp()
+    assert torch.allclose(total, torch.ones_like(total), atol=1e-5)
+    assert routing.index.unique().tolist() == [1] and routing.weights[0].tolist() == [0.25, 0.75]
+
+
+def test_concurrent_scoring_gives_the_same_scores_as_sequential_scoring(setup):
+    _, rollouts, configs, _ = setup
+    a = score_batch(rollouts, teachers(setup), Router(RouterConfig(), configs), K)[1]
+    b = score_batch(rollouts, teachers(setup), Router(RouterConfig(), configs), K, concurrent=True)[1]
+    assert torch.equal(a.topk_ids, b.topk_ids) and torch.equal(a.topk_logprobs, b.topk_logprobs)
+
+
+def test_teachers_configured_with_different_top_k_need_an_explicit_batch_k(setup):
+    tok, rollouts, configs, models = setup
+    ts = teachers(setup)
+    ts[1] = ExpertTeacher(TeacherConfig(name="add", domains=["add"], top_k=8), ts[1].engine, len(tok))
+    with pytest.raises(TeacherError, match="different top_k \\(rev=64, add=8\\)"):
+        score_batch(rollouts, ts, Router(RouterConfig(), configs))
+    assert score_batch(rollouts, ts, Router(RouterConfig(), configs), top_k=3)[1].k == 3
+
+
+def test_built_expert_and_self_pi_teachers_score_one_batch_each_on_their_own_context(setup):
+    tok, rollouts, configs, models = setup
+    pi_cfg = TeacherConfig(name="self", kind=TeacherKind.self_pi, domains=["hinted"], top_k=K)
+    cfgs = [replace(configs[0], top_k=K), replace(configs[1], top_k=K), pi_cfg]
+    engines = {c.name: CountingEngine(m, eos_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id)
+               for c, m in zip(cfgs, [models[0], models[1], models[0]])}
+    ts = build_teachers(cfgs, engines, tok, teacher_tokenizers={"rev": tok, "add": build_char_tokenizer()})
+    batch = list(rollouts)
+    batch[1] = replace(batch[1], domain="hinted", pi="answer: 46")
+    batch[3] = replace(batch[3], domain="hinted", pi="answer: bcd")
+    routing, scores = score_batch(batch, ts, Router(RouterConfig(), cfgs))
+    assert [e.calls for e in engines.values()] == [1, 1, 1]
+    lo = 0
+    for b, r in enumerate(batch):
+        m = 2 if r.pi else (0 if r.domain in ("rev", "srt") else 1)
+        assert routing.index[lo].item() == m
+        if r.pi:  # the self-teacher's context: "<bos>answer: ..\n\n" + the prompt's characters
+            ctx = torch.tensor(tok.encode(f"{r.pi}\n\n" + tok.decode(r.prompt_ids[1:])))
+            r_ctx = replace(r, prompt_ids=ctx)
+            assert_rows_match(scores, lo, direct_rows(models[0], r_ctx), r.response_ids, f"rollout {b}")
+        else:
+            assert_rows_match(scores, lo, direct_rows(models[m], r), r.response_ids, f"rollout {b}")
+        lo += r.response_ids.numel()
 
 
 class BrokenEngine(EmbeddedEngine):

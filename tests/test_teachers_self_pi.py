@@ -150,6 +150,14 @@ def test_ema_self_teacher_streams_the_decayed_average_of_the_student_weights_int
     assert eng.health().weight_version == 2
     with pytest.raises(TeacherError, match="'ema': streamed tensor 'bogus.weight' is not in the EMA shadow"):
         teacher.update_weights(iter([("bogus.weight", torch.zeros(1))]), version=3)
+    # Resume: a fresh teacher on a fresh engine restores the shadow and continues the same average.
+    eng2 = engine(tiny_llama(tok, seed=5), tok)
+    resumed = SelfPITeacher(cfg, eng2, tok)
+    resumed.load_ema_state(teacher.ema_state(), version=2)
+    assert torch.allclose(eng2.model.state_dict()[name].double(), expect, atol=1e-6)
+    resumed.update_weights(iter(s1.items()), version=3)
+    teacher.update_weights(iter(s1.items()), version=3)
+    assert torch.equal(eng2.model.state_dict()[name], eng.model.state_dict()[name])
 
 
 def test_frozen_self_teacher_refuses_weight_updates_and_prompts_without_pi(tok, copier):

@@ -4,15 +4,19 @@ Each teacher is called once per batch with all the rollouts routed to it; the an
 in packing order: rollout 0's response tokens, then rollout 1's, ... (``N = sum T``), which is the
 order ``Routing.index`` and ``build_train_batches`` use.
 
-One K per batch: every teacher is asked for the same ``top_k`` and must return exactly that many
-entries (``Teacher.score`` refuses anything else). Padding a smaller K with ``-inf`` logprobs would
-put ``0 * -inf`` terms into every objective, and truncating a larger one is the teacher's
-business (ask it for fewer).
+One K per batch: every teacher is asked for the same ``top_k`` (by default the teachers' common
+``TeacherConfig.top_k``) and must return exactly that many entries (``Teacher.score`` refuses
+anything else). Padding a smaller K with ``-inf`` logprobs would put ``0 * -inf`` terms into every
+objective; asking everyone for one K costs nothing.
+
+``concurrent=True`` sends the teachers' requests from one thread each, so that remote (SGLang)
+teachers score at the same time; leave it off for in-process teachers sharing a few CPU cores.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -26,8 +30,9 @@ def score_batch(
     rollouts: Sequence[Rollout],
     teachers: Sequence[Teacher],
     router: Router,
-    top_k: int,
+    top_k: int | None = None,
     prompts: Mapping[int, Prompt] | None = None,
+    concurrent: bool = False,
 ) -> tuple[Routing, TeacherScores]:
     """Route and score ``rollouts``.
 
@@ -42,26 +47,42 @@ def score_batch(
     names = tuple(t.name for t in teachers)
     if names != router.teachers:
         raise TeacherError(f"score_batch: teachers {list(names)} are not the router's teachers {list(router.teachers)}")
+    k = common_top_k(teachers) if top_k is None else top_k
     lengths = [int(r.response_ids.numel()) for r in rollouts]
     if router.per_token:
-        per_teacher = {m: TeacherScores.concat(teachers[m].score(rollouts, top_k)) for m in router.candidates()}
-        routing, scores = router.route_tokens(per_teacher)
+        cand = router.candidates()
+        got = _run([lambda m=m: teachers[m].score(rollouts, k) for m in cand], concurrent)
+        routing, scores = router.route_tokens({m: TeacherScores.concat(g) for m, g in zip(cand, got)})
     else:
         per_rollout = router.route_prompts(rollouts, prompts)
-        scores = _gather_by_teacher(rollouts, teachers, per_rollout, top_k, routed_label(names))
+        scores = _gather_by_teacher(rollouts, teachers, per_rollout, k, routed_label(names), concurrent)
         routing = router.expand(per_rollout, lengths)
     router.record(routing, lengths)
     return routing, scores
 
 
+def common_top_k(teachers: Sequence[Teacher]) -> int:
+    """The K every teacher is configured with; a TeacherError listing them when they differ."""
+    ks = {t.config.top_k for t in teachers}
+    if len(ks) != 1:
+        listed = ", ".join(f"{t.name}={t.config.top_k}" for t in teachers)
+        raise TeacherError(f"teachers ask for different top_k ({listed}); a batch uses one K: set the same top_k "
+                           f"on every teacher or pass top_k to score_batch")
+    return ks.pop()
+
+
 def _gather_by_teacher(
-    rollouts: Sequence[Rollout], teachers: Sequence[Teacher], per_rollout: Sequence[int], top_k: int, label: str
+    rollouts: Sequence[Rollout], teachers: Sequence[Teacher], per_rollout: Sequence[int], top_k: int, label: str,
+    concurrent: bool,
 ) -> TeacherScores:
     """One ``score`` call per routed teacher, rows reassembled in packing order."""
+    used = sorted(set(per_rollout))
+    groups = [[b for b, t in enumerate(per_rollout) if t == m] for m in used]
+    got = _run([lambda m=m, g=g: teachers[m].score([rollouts[b] for b in g], top_k) for m, g in zip(used, groups)],
+               concurrent)
     parts: list[TeacherScores | None] = [None] * len(rollouts)
-    for m in sorted(set(per_rollout)):
-        group = [b for b, t in enumerate(per_rollout) if t == m]
-        for b, s in zip(group, teachers[m].score([rollouts[b] for b in group], top_k)):
+    for group, scores in zip(groups, got):
+        for b, s in zip(group, scores):
             parts[b] = s
     ready = [p for p in parts if p is not None]
     assert len(ready) == len(rollouts)
@@ -74,3 +95,11 @@ def _gather_by_teacher(
         teacher=label,
     )
 
+
+def _run(jobs: list[Callable[[], list[TeacherScores]]], concurrent: bool) -> list[list[TeacherScores]]:
+    """Results in job order; the first failure propagates (its TeacherError names the teacher)."""
+    if not concurrent or len(jobs) < 2:
+        return [job() for job in jobs]
+    with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="teacher") as pool:
+        futures = [pool.submit(job) for job in jobs]
+        return [f.result() for f in futures]

@@ -19,7 +19,7 @@ sync, streams ``shadow = decay * shadow + (1 - decay) * student`` into its engin
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -113,11 +113,16 @@ class SelfPITeacher(Teacher):
                 old.mul_(decay).add_(new, alpha=1.0 - decay)
             yield name, self._shadow[name].to(tensor.dtype)
 
-    def shadow(self, name: str) -> torch.Tensor:
-        """The fp32 EMA value of one HF-named tensor (for tests and checkpoints)."""
-        if name not in self._shadow:
-            raise TeacherError(f"teacher {self.name!r}: no EMA shadow for tensor {name!r}")
-        return self._shadow[name]
+    def ema_state(self) -> dict[str, torch.Tensor]:
+        """The fp32 EMA shadow by HF name, to save with a checkpoint (a resumed run keeps its teacher)."""
+        return dict(self._shadow)
+
+    def load_ema_state(self, state: Mapping[str, torch.Tensor], version: int) -> None:
+        """Restore a saved shadow and load it into the engine."""
+        if not self.tracks_student:
+            raise TeacherError(f"teacher {self.name!r}: ema_decay=0 keeps no EMA state")
+        self._shadow = {n: t.detach().to(torch.float32, copy=True) for n, t in state.items()}
+        self.engine.update_weights(iter(self._shadow.items()), version)
 
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False)) if text else []
