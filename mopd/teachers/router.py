@@ -28,6 +28,7 @@ import torch
 
 from mopd.config import RouteGranularity, RouterConfig, TeacherConfig, TokenRule
 from mopd.errors import TeacherError
+from mopd.rollout.scoring import tail_logmass
 from mopd.types import Prompt, Rollout, Routing, TeacherScores
 
 
@@ -220,7 +221,6 @@ def topk_entropy(scores: TeacherScores) -> torch.Tensor:
 
 def mix_topk(parts: Sequence[TeacherScores], weights: torch.Tensor, k: int, teacher: str) -> TeacherScores:
     """Top-K + tail of the mixture ``sum_m weights[m] * p_m`` (see the module docstring)."""
-    n = parts[0].num_tokens
     ids = torch.cat([p.topk_ids.to(torch.int64) for p in parts], dim=1)  # [N, M*K]
     mass = torch.cat([w * p.topk_logprobs.float().exp() for w, p in zip(weights.tolist(), parts)], dim=1)
     sorted_ids, order = ids.sort(dim=1)
@@ -232,7 +232,6 @@ def mix_topk(parts: Sequence[TeacherScores], weights: torch.Tensor, k: int, teac
     seg_mass = torch.full_like(mass, -1.0).scatter_reduce(1, seg, mass, reduce="sum", include_self=False)
     seg_ids = torch.zeros_like(sorted_ids).scatter(1, seg, sorted_ids)
     top_mass, top_pos = seg_mass.topk(k, dim=1)
-    total = top_mass.sum(1).clamp(max=1.0)
     sampled = torch.logsumexp(
         torch.stack([p.sampled_logprob.float() for p in parts]) + weights.float().log()[:, None], dim=0
     )
@@ -240,9 +239,9 @@ def mix_topk(parts: Sequence[TeacherScores], weights: torch.Tensor, k: int, teac
         topk_ids=seg_ids.gather(1, top_pos).to(torch.int32),
         topk_logprobs=top_mass.log().to(logprob_dtype(parts)),
         sampled_logprob=sampled,
-        tail_logmass=torch.log1p(-total),
+        tail_logmass=tail_logmass(top_mass.log()),  # floored like the engines' tails: rounding never gives log(0)
         teacher=teacher,
-    ) if n else parts[0]
+    )
 
 
 def logprob_dtype(parts: Sequence[TeacherScores]) -> torch.dtype:
