@@ -11,8 +11,9 @@ from mopd.config import TeacherConfig, TeacherKind
 from mopd.data.tokenizer import build_char_tokenizer
 from mopd.errors import TeacherError
 from mopd.rollout.embedded import EmbeddedEngine
-from mopd.teachers import SelfPITeacher
-from mopd.types import Rollout
+from mopd.teachers import SelfPITeacher, build_train_batches
+from mopd.teachers.in_trainer import build_teacher_inputs
+from mopd.types import Rollout, Routing, TeacherScores
 
 LETTERS = "abcdefgh"
 TEMPLATE = "{pi}\n\n{prompt}"
@@ -174,3 +175,25 @@ def test_a_template_without_a_prompt_slot_is_refused(tok, copier):
     cfg = TeacherConfig(name="self", kind=TeacherKind.self_pi, pi_template="{pi} only")
     with pytest.raises(TeacherError, match="exactly one \\{prompt\\}"):
         SelfPITeacher(cfg, engine(copier, tok), tok)
+
+
+def test_in_trainer_inputs_put_the_self_teachers_logits_on_the_student_positions(tok, copier):
+    gen = torch.Generator().manual_seed(5)
+    examples = [copy_example(tok, gen) for _ in range(5)]
+    responses = [resp[: 2 + i % 3] for i, (_, _, resp) in enumerate(examples)]  # ragged: 2..4 tokens
+    pairs = enumerate(zip(examples, responses))
+    rollouts = [rollout(tok, a, resp, i, pi=a * (1 + i % 2)) for i, ((a, _, _), resp) in pairs]  # PI lengths differ
+    teacher = self_teacher(copier, tok)
+    scores = TeacherScores.concat(teacher.score(rollouts, K))
+    routing = Routing(teachers=("self",), index=torch.zeros(scores.num_tokens, dtype=torch.int64))
+    batches = build_train_batches(rollouts, scores, routing, micro_batch_size=2, pad_id=tok.pad_token_id)
+    inputs = build_teacher_inputs(rollouts, teacher, 2, tok.pad_token_id, batches[0].tokens.shape[1], pad_to_multiple=8)
+    assert len(inputs) == len(batches) == 3 and inputs[0].tokens.shape[1] % 8 == 0
+    for batch, ti in zip(batches, inputs):
+        with torch.no_grad():  # right padding: causal attention never lets a real position see a pad
+            aligned = ti.align(copier(input_ids=ti.tokens).logits.double())
+        logp = torch.log_softmax(aligned, -1)
+        mask = batch.loss_mask.bool()
+        ref = logp.gather(-1, batch.targets[..., None])[..., 0]
+        assert torch.allclose(batch.sampled_logprob[mask].double(), ref[mask], atol=1e-5)
+        assert logp[mask].topk(K).indices.tolist() == batch.topk_ids[mask].tolist()

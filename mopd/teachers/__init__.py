@@ -5,6 +5,7 @@ from mopd.teachers.base import Teacher
 from mopd.teachers.batching import build_train_batches
 from mopd.teachers.build import build_teachers
 from mopd.teachers.expert import ExpertTeacher
+from mopd.teachers.in_trainer import TeacherInputs, build_teacher_inputs
 from mopd.teachers.router import RouteCounts, Router, mix_topk, route_counts, topk_entropy
 from mopd.teachers.scoring import score_batch
 from mopd.teachers.self_pi import SelfPITeacher
@@ -16,7 +17,9 @@ __all__ = [
     "Router",
     "SelfPITeacher",
     "Teacher",
+    "TeacherInputs",
     "VocabDifference",
+    "build_teacher_inputs",
     "build_teachers",
     "build_train_batches",
     "check_vocab",
