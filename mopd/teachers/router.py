@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mopd.config import RouteGranularity, RouterConfig, TeacherConfig, TokenRule
+from mopd.config import RouteGranularity, RouteRule, RouterConfig, TeacherConfig, TokenRule
 from mopd.errors import TeacherError
 from mopd.rollout.scoring import tail_logmass
 from mopd.types import Prompt, Rollout, Routing, TeacherScores
@@ -176,7 +176,7 @@ class Router:
     def _known_domains(self) -> set[str]:
         return set(self._domains) | {rule.domain for rule in self.config.rules if rule.domain is not None}
 
-    def _compile(self, i: int, rule) -> tuple:
+    def _compile(self, i: int, rule: RouteRule) -> tuple[RouteRule, re.Pattern[str] | None]:
         self._lookup(f"router.rules[{i}].teacher", rule.teacher)
         if rule.metadata_pattern is not None and rule.metadata_key is None:
             raise TeacherError(f"router.rules[{i}]: metadata_pattern needs metadata_key (which value to search)")

@@ -8,9 +8,11 @@ text pieces around it are formatted with the rollout's PI and tokenised with the
 
 Splicing ids rather than re-tokenising the joined text keeps the student's exact prompt tokens (a
 BPE merge across the PI/prompt boundary would otherwise change them) and needs no prompt text, which
-``Rollout`` does not carry. The response tokens are identical to the student's; only the prefix
-differs, so the engine's scores for ids[response_start:] are already the student's response
-positions (``Teacher._check_request`` verifies that token by token before sending).
+``Rollout`` does not carry. With a chat-templated prompt the PI text therefore lands in front of the
+rendered conversation (the student's prompt tokens are never re-rendered). The response tokens are
+identical to the student's; only the prefix differs, so the engine's scores for ids[response_start:]
+are already the student's response positions (``Teacher._check_request`` verifies that token by
+token before sending).
 
 Weights. ``ema_decay == 0``: the engine holds the student's initial weights and never changes.
 ``ema_decay > 0``: the teacher keeps an fp32 shadow of every HF-named tensor and, on each student
