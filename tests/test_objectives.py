@@ -154,7 +154,7 @@ def reference_loss_sum(student64: torch.Tensor, batch: TrainBatch, objectives: d
 # ----------------------------------------------------------------------------------------------------
 
 def ours(student64: torch.Tensor, batch: TrainBatch, objectives: dict[int, list[ObjectiveConfig]], vocab_size: int,
-         *, dtype=torch.float32, chunk_tokens: int = 3, coefs=None, names=("math", "code")):
+         *, dtype=torch.float32, chunk_tokens: int = 4, coefs=None, names=("math", "code")):
     logits = student64.to(dtype).requires_grad_(True)
     loss_fn = build_loss_fn(objectives, list(names), tp_group=None, vocab_start=0, vocab_size=vocab_size,
                             chunk_tokens=chunk_tokens, teacher_coefs=coefs)

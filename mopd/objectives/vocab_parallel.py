@@ -14,8 +14,9 @@ own max), never as ``log(1 - sum p)``, which loses all precision when the top-K 
 
 Memory: the forward keeps only [n, K] outputs and two [n] statistics; the backward recomputes the
 softmax chunk by chunk, so beyond the [N, V_local] gradient (in the logits' dtype) the peak extra memory
-is two fp32 [chunk_tokens, V_local] buffers. Collectives per chunk: one MAX and one SUM all-reduce of
-[chunk, K+3] elements over ``tp_group``.
+is one fp32 [chunk_tokens, V_local] working buffer (chunks whose rows are contiguous are read as views;
+scattered rows add a gathered copy, and a cast copy in backward, in the logits' dtype). Collectives per
+chunk: one MAX all-reduce of [chunk, 2] and one SUM all-reduce of [chunk, K'+2] over ``tp_group``.
 """
 
 from __future__ import annotations
@@ -73,11 +74,13 @@ def _first_occurrence(ids: torch.Tensor) -> torch.Tensor:
 
 
 def _forward_chunk(
-    chunk: torch.Tensor, ids: torch.Tensor, tail_cols: int, scale: float, shard: VocabShard
+    t: torch.Tensor, ids: torch.Tensor, tail_cols: int, scale: float, shard: VocabShard
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One chunk of rows: (log p at ids [n, K'], lse [n], log tail mass [n]) with global statistics."""
-    n_valid = shard.valid_columns(chunk.shape[1])
-    t = chunk[:, :n_valid].float()  # the one fp32 copy of this chunk
+    """One chunk of rows: (log p at ids [n, K'], lse [n], log tail mass [n]) with global statistics.
+
+    t: [n, n_valid] a fresh fp32 copy of the chunk's real columns (modified in place).
+    """
+    n_valid = t.shape[1]
     if scale != 1.0:
         t.mul_(scale)
     owned, local = _owned(ids, shard, n_valid)
@@ -102,34 +105,59 @@ def _forward_chunk(
 
 
 def _backward_chunk(
-    chunk: torch.Tensor, ids: torch.Tensor, tail_cols: int, scale: float, shard: VocabShard,
+    t: torch.Tensor, ids: torch.Tensor, tail_cols: int, scale: float, shard: VocabShard,
     lse: torch.Tensor, log_tail: torch.Tensor, g_sel: torch.Tensor, g_tail: torch.Tensor,
 ) -> torch.Tensor:
-    """d loss / d chunk over the valid columns, fp32 [n, n_valid].
+    """d loss / d chunk over the valid columns, fp32 [n, n_valid], computed in place in ``t`` (see above).
 
-    d log p(v)/d l_u = 1[u=v] - p_u;  d log p(S^c)/d l_u = 1[u not in S] p_u / p(S^c) - p_u.
+    d log p(v)/d l_u = 1[u=v] - p_u;  d log p(S^c)/d l_u = 1[u not in S] p_u / p(S^c) - p_u.  With
+    c = sum_j g_sel_j + g_tail that is, per column u:
+        u not in S:  p_u/p(S^c) * (g_tail - c p(S^c))        (dense; the exponent is <= 0, no overflow)
+        u in S:      -c p_u                                   (sparse, [n, K])
+    plus g_sel_j scattered at each id j.
     """
-    n_valid = shard.valid_columns(chunk.shape[1])
-    t = chunk[:, :n_valid].float()
+    n_valid = t.shape[1]
     if n_valid == 0:
         return t
     if scale != 1.0:
         t.mul_(scale)
-    t.sub_(lse[:, None])  # log p
     owned, local = _owned(ids, shard, n_valid)
-    finite_tail = torch.isfinite(log_tail)
-    g_tail = torch.where(finite_tail, g_tail, 0.0)
-    q = None
+    c = g_sel.sum(dim=1) + torch.where(torch.isfinite(log_tail), g_tail, 0.0)
     if tail_cols:
-        # p_u / p(S^c) <= 1 off S; the clamp only stops overflow on S entries, which are zeroed next.
-        q = (t - torch.where(finite_tail, log_tail, 0.0)[:, None]).clamp_(max=0.0).exp_()
-        keep = torch.where(owned[:, :tail_cols], 0.0, 1.0)
-        q.scatter_reduce_(1, local[:, :tail_cols], keep, reduce="prod").mul_(g_tail[:, None])
-    t.exp_().mul_(-(g_sel.sum(dim=1) + g_tail)[:, None])
-    if q is not None:
-        t.add_(q)
+        shift = torch.where(torch.isfinite(log_tail), log_tail, 0.0)
+        dense = torch.where(torch.isfinite(log_tail), g_tail - c * log_tail.exp(), -c)
+        s_owned, s_local = owned[:, :tail_cols], local[:, :tail_cols]
+        s_logp = t.gather(1, s_local) - lse[:, None]
+        t.scatter_reduce_(1, s_local, torch.where(s_owned, NEG_INF, float("inf")), reduce="amin")
+    else:
+        shift, dense = torch.zeros_like(lse), -c
+    t.sub_((lse + shift)[:, None]).clamp_(max=0.0).exp_().mul_(dense[:, None])
+    if tail_cols:
+        first = s_owned & _first_occurrence(ids[:, :tail_cols])
+        t.scatter_add_(1, s_local, torch.where(first, -c[:, None] * s_logp.exp(), 0.0))
     t.scatter_add_(1, local, torch.where(owned, g_sel, 0.0))
     return t.mul_(scale) if scale != 1.0 else t
+
+
+def _chunks(rows: torch.Tensor, chunk_tokens: int) -> list[tuple[int, int, int | None]]:
+    """(a, b, first_row) per chunk of ``rows``; first_row is set when rows[a:b] is a contiguous range,
+    so the chunk can be a view of the logits instead of a gathered copy."""
+    bounds = rows.tolist() if rows.numel() else []
+    out = []
+    for a in range(0, len(bounds), chunk_tokens):
+        b = min(len(bounds), a + chunk_tokens)
+        contiguous = bounds[b - 1] - bounds[a] == b - a - 1 and bounds[a:b] == list(range(bounds[a], bounds[b - 1] + 1))
+        out.append((a, b, bounds[a] if contiguous else None))
+    return out
+
+
+def _working_copy(logits: torch.Tensor, rows: torch.Tensor, a: int, b: int, first: int | None,
+                  shard: VocabShard) -> torch.Tensor:
+    """A fresh fp32 [b - a, n_valid] copy of the chunk's real columns: the one fp32 buffer per chunk."""
+    n_valid = shard.valid_columns(logits.shape[1])
+    if first is not None:
+        return logits[first:first + b - a, :n_valid].to(torch.float32, copy=True)
+    return logits[rows[a:b], :n_valid].float()  # advanced indexing already copies
 
 
 class _SelectLogprobs(torch.autograd.Function):
@@ -141,27 +169,29 @@ class _SelectLogprobs(torch.autograd.Function):
         out_sel = torch.empty(ids.shape, dtype=torch.float32, device=logits.device)
         out_lse = torch.empty(n, dtype=torch.float32, device=logits.device)
         out_tail = torch.empty(n, dtype=torch.float32, device=logits.device)
-        for a in range(0, n, chunk_tokens):
-            b = min(n, a + chunk_tokens)
-            sel, lse, tail = _forward_chunk(logits[rows[a:b]], ids[a:b], tail_cols, scale, shard)
+        chunks = _chunks(rows, chunk_tokens)
+        for a, b, first in chunks:
+            sel, lse, tail = _forward_chunk(_working_copy(logits, rows, a, b, first, shard), ids[a:b], tail_cols, scale, shard)
             out_sel[a:b], out_lse[a:b], out_tail[a:b] = sel, lse, tail
         ctx.save_for_backward(logits, rows, ids, out_lse, out_tail)
-        ctx.args = (tail_cols, scale, shard, chunk_tokens)
+        ctx.args = (tail_cols, scale, shard, chunks)
         ctx.mark_non_differentiable(out_lse)
         return out_sel, out_tail, out_lse
 
     @staticmethod
     def backward(ctx, g_sel, g_tail, _g_lse):
         logits, rows, ids, lse, log_tail = ctx.saved_tensors
-        tail_cols, scale, shard, chunk_tokens = ctx.args
+        tail_cols, scale, shard, chunks = ctx.args
         g_sel = torch.zeros_like(ids, dtype=torch.float32) if g_sel is None else g_sel.float()
         g_tail = torch.zeros_like(lse) if g_tail is None else g_tail.float()
         grad = torch.zeros_like(logits)  # padding columns and unselected rows stay exactly zero
-        for a in range(0, rows.shape[0], chunk_tokens):
-            b = min(rows.shape[0], a + chunk_tokens)
-            g = _backward_chunk(logits[rows[a:b]], ids[a:b], tail_cols, scale, shard,
+        for a, b, first in chunks:
+            g = _backward_chunk(_working_copy(logits, rows, a, b, first, shard), ids[a:b], tail_cols, scale, shard,
                                 lse[a:b], log_tail[a:b], g_sel[a:b], g_tail[a:b])
-            grad[rows[a:b], : g.shape[1]] = g.to(grad.dtype)
+            if first is not None:
+                grad[first:first + b - a, : g.shape[1]].copy_(g)  # casts in place, no second buffer
+            else:
+                grad[rows[a:b], : g.shape[1]] = g.to(grad.dtype)
         return grad, None, None, None, None, None, None
 
 
