@@ -54,17 +54,17 @@ def _parity_worker(rank: int, world: int, root: str) -> dict:
     for tp, pp in LAYOUTS:
         layout = init_parallel(ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp), seed=0)
         for case in CASES:
-            diff = _megatron_logits_diff(Path(root) / case, layout)
-            if diff is not None:
-                results[f"{case}/tp{tp}pp{pp}/rank{rank}"] = diff
+            results[f"{case}/tp{tp}pp{pp}/rank{rank}"] = _check_case(Path(root) / case, layout)
         destroy_parallel()
     return results
 
 
-def _megatron_logits_diff(case_dir: Path, layout) -> dict | None:
-    """Load the imported checkpoint at this layout, run the forward, compare with the HF logits."""
+def _check_case(case_dir: Path, layout) -> dict:
+    """Logit difference (last stage only) and the HF tensors this rank streams from its model chunk."""
     from megatron.core import dist_checkpointing
+    from safetensors.torch import load_file
 
+    from mopd.hf import megatron_to_hf
     from mopd.hf.convert import read_model_yaml
     from mopd.hf.layout import build_gpt
     from mopd.hf.mapping import padded_vocab_size
@@ -75,6 +75,16 @@ def _megatron_logits_diff(case_dir: Path, layout) -> dict | None:
                       pre_process=layout.is_first_stage, post_process=layout.is_last_stage)
     dist_checkpointing.load(model.sharded_state_dict(), str(ckpt))
     model.eval()
+    row = {"logits": _megatron_logits_diff(case_dir, cfg, model, layout)}
+    original = load_file(case_dir / "hf" / "model.safetensors")
+    streamed = dict(megatron_to_hf([model], cfg))
+    row["streamed"] = sorted(streamed)
+    row["streamed_mismatch"] = sorted(n for n, t in streamed.items() if not torch.equal(t, original.get(n)))
+    return row
+
+
+def _megatron_logits_diff(case_dir: Path, cfg, model, layout) -> dict | None:
+    """The forward at this layout (p2p between stages) against the HF logits."""
     ref = torch.load(case_dir / "hf_logits.pt")
     ids = ref["ids"]
     positions = torch.arange(ids.shape[1]).expand_as(ids)
@@ -109,7 +119,7 @@ def parity_results(tmp_path_factory) -> dict:
             logits = model(ids).logits
         torch.save({"ids": ids, "logits": logits}, root / case / "hf_logits.pt")
         import_hf(root / case / "hf", root / case / "megatron", tp=1)
-    out = {}
+    out = {"_root": str(root)}
     for rank_results in run_on_ranks(_parity_worker, 2, str(root), timeout=240):
         out.update(rank_results)
     return out
@@ -118,8 +128,26 @@ def parity_results(tmp_path_factory) -> dict:
 @pytest.mark.parametrize("tp,pp", LAYOUTS, ids=[f"tp{tp}_pp{pp}" for tp, pp in LAYOUTS])
 @pytest.mark.parametrize("case", list(CASES))
 def test_imported_megatron_model_reproduces_hf_logits(parity_results, case, tp, pp):
-    rows = {k: v for k, v in parity_results.items() if k.startswith(f"{case}/tp{tp}pp{pp}/")}
+    rows = {k: v["logits"] for k, v in _rows(parity_results, case, tp, pp).items() if v["logits"] is not None}
     assert rows, f"no logits came back for {case} at tp={tp} pp={pp}"
     for key, row in rows.items():
         assert row["ref_std"] > 0.1, f"{key}: HF logits are too flat to tell a wrong mapping apart"
         assert row["max_abs_diff"] < 1e-4, f"{key}: max |megatron - hf| = {row['max_abs_diff']:.3g}"
+
+
+@pytest.mark.parametrize("tp,pp", LAYOUTS, ids=[f"tp{tp}_pp{pp}" for tp, pp in LAYOUTS])
+@pytest.mark.parametrize("case", ["llama_gqa_untied", "qwen2_qkv_bias_tied", "qwen3_qk_norm_head_dim"])
+def test_model_chunks_stream_the_original_hf_tensors_bit_for_bit(parity_results, case, tp, pp):
+    from safetensors import safe_open
+
+    rows = _rows(parity_results, case, tp, pp)
+    names = set().union(*(row["streamed"] for row in rows.values()))
+    root = Path(parity_results["_root"])
+    with safe_open(root / case / "hf" / "model.safetensors", framework="pt") as f:
+        assert names == set(f.keys()), f"{case}: streamed names differ from the HF checkpoint's"
+    for key, row in rows.items():
+        assert not row["streamed_mismatch"], f"{key}: streamed tensors differ: {row['streamed_mismatch'][:3]}"
+
+
+def _rows(results: dict, case: str, tp: int, pp: int) -> dict:
+    return {k: v for k, v in results.items() if k.startswith(f"{case}/tp{tp}pp{pp}/")}

@@ -17,7 +17,7 @@ pipeline stages). Layout differences:
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -164,16 +164,26 @@ def padded_vocab_size(cfg: ModelConfig, tp: int) -> int:
     return -(-cfg.vocab_size // multiple) * multiple
 
 
-def megatron_to_hf(source: Mapping[str, torch.Tensor] | Iterator[tuple[str, torch.Tensor]], cfg: ModelConfig
-                   ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Stream HF-named, unsharded tensors from full (TP-gathered) Megatron tensors.
+MegatronSource = Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | Sequence[torch.nn.Module]
 
-    This is the shared entry point of export (convert.export_hf), weight sync to rollout engines and
-    EMA teachers: `source` yields `(megatron_name, tensor)` with global layer indices (see
-    `gather.iter_full_megatron_tensors` for TP-sharded / pipelined model chunks); names that are not
-    parameters of the model (`_extra_state`, rotary buffers) are skipped. Each output tensor is yielded
-    as soon as its Megatron tensor arrives, so memory stays at one tensor group.
+
+def megatron_to_hf(source: MegatronSource, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream `(hf_name, tensor)`: HF-named, unsharded tensors, vocabulary padding removed.
+
+    The one entry point shared by export (convert.export_hf), weight sync to rollout engines and EMA
+    teachers. `source` is either
+    - `(megatron_name, full tensor)` pairs / a mapping, names with global layer indices, or
+    - the model chunks of this rank (`build_model`'s list, DDP/Float16Module-wrapped or not): every
+      TP rank must call it together (one all_gather per parameter over the TP group) and each
+      pipeline stage yields its own layers (the tied output layer is skipped; the first stage sends
+      the embedding).
+    Tensors come out as soon as their Megatron tensor is complete, so memory stays at one tensor
+    group (a fused QKV or gate/up projection), never the model.
     """
+    if isinstance(source, Sequence) and source and all(isinstance(m, torch.nn.Module) for m in source):
+        from mopd.hf.gather import iter_full_megatron_tensors
+
+        source = iter_full_megatron_tensors(list(source))
     rules = {rule.megatron: rule for rule in all_rules(cfg)}
     items = source.items() if isinstance(source, Mapping) else source
     for name, tensor in items:
