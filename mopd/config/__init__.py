@@ -34,10 +34,13 @@ from mopd.config.model import (
 from mopd.config.run import (
     CheckpointConfig,
     DataConfig,
+    DiagnosticsConfig,
+    EvalConfig,
     LoggingConfig,
     RunConfig,
     StageConfig,
     StageKind,
+    StageRole,
     WandbMode,
 )
 

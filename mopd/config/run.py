@@ -19,6 +19,8 @@ class StageKind(str, Enum):
     """Per-domain accuracy with verifiers."""
     export = "export"
     """Write an HF checkpoint."""
+    average = "average"
+    """Average the weights of the stages listed in `sources` (the weight-averaging baseline)."""
 
 
 class WandbMode(str, Enum):
@@ -47,6 +49,10 @@ class DataConfig:
     """Stop the run if more than this fraction of records is malformed."""
     num_prompts: int = 1000
     """Synthetic: prompts per domain."""
+    tokenizer: str = "char"
+    """"char" builds the offline character tokenizer (synthetic demo); otherwise an HF tokenizer directory."""
+    pi_mode: str = "answer"
+    """Synthetic data: privileged information shown to a PI self-teacher (answer, hint or none)."""
     enable_thinking: bool | None = None
     """Passed to the tokenizer's chat template as ``enable_thinking`` (Qwen3-style thinking on/off);
     null passes nothing. Ignored when the tokenizer has no chat template."""
@@ -55,6 +61,8 @@ class DataConfig:
         out = positive(self, "max_prompt_tokens", "num_prompts")
         if self.source not in ("synthetic", "jsonl", "hf"):
             out.append(Problem("source", self.source, "must be one of ['hf', 'jsonl', 'synthetic']"))
+        if self.pi_mode not in ("answer", "hint", "none"):
+            out.append(Problem("pi_mode", self.pi_mode, "must be one of ['answer', 'hint', 'none']"))
         if self.source in ("jsonl", "hf") and not self.path:
             out.append(Problem("path", self.path, f"is required when source={self.source}"))
         if not 0.0 <= self.max_bad_fraction <= 1.0:
@@ -89,6 +97,61 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """Per-domain accuracy with the domains' verifiers."""
+
+    num_prompts: int = 100
+    """Eval-split prompts per domain."""
+    samples_per_prompt: int = 4
+    """Sampled responses per prompt for pass@k (0: greedy only)."""
+    pass_k: list[int] = field(default_factory=lambda: [1, 4])
+    """k values of the unbiased pass@k estimate (each <= samples_per_prompt)."""
+    temperature: float = 1.0
+    """Sampling temperature of the pass@k samples."""
+    max_new_tokens: int | None = None
+    """Null: rollout.sampling.max_new_tokens."""
+    every_steps: int = 0
+    """Also evaluate every N optimizer steps inside sft/opd stages (0: only at the end)."""
+
+    def problems(self) -> list[Problem]:
+        out = positive(self, "num_prompts") + at_least(self, 0, "samples_per_prompt", "every_steps")
+        if self.samples_per_prompt and any(k < 1 or k > self.samples_per_prompt for k in self.pass_k):
+            out.append(Problem("pass_k", self.pass_k, f"each k must be in [1, samples_per_prompt={self.samples_per_prompt}]"))
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiagnosticsConfig:
+    """Failure-mode diagnostics of on-policy (self-)distillation, which can fail quietly while the loss looks fine."""
+
+    markers: list[str] = field(default_factory=lambda: ["wait", "hmm", "let me check"])
+    """Epistemic markers counted per response."""
+    position_buckets: int = 4
+    """KL is reported per bucket of response position (early vs late tokens)."""
+    alarm_drop: float = 0.5
+    """Warn when student entropy or mean response length falls by more than this fraction from the start."""
+    alarm_window: int = 5
+    """Steps averaged at the start and at the current point for the alarm."""
+
+    def problems(self) -> list[Problem]:
+        out = positive(self, "position_buckets", "alarm_window")
+        if not 0.0 < self.alarm_drop < 1.0:
+            out.append(Problem("alarm_drop", self.alarm_drop, "must be in (0, 1)"))
+        return out
+
+
+class StageRole(str, Enum):
+    """What a stage's model is in the run summary (per-domain accuracy is reported by role)."""
+
+    none = "none"
+    base = "base"
+    teacher = "teacher"
+    student = "student"
+    sft_baseline = "sft_baseline"
+    weight_average = "weight_average"
+
+
+@dataclass(frozen=True, kw_only=True)
 class StageConfig:
     """One stage of a specialise-then-unify pipeline; its output checkpoint is named after it."""
 
@@ -98,6 +161,15 @@ class StageConfig:
     """Name of an earlier stage (or a path) whose checkpoint this stage starts from."""
     overrides: list[str] = field(default_factory=list)
     """Dotted `a.b=c` overrides applied to the run config for this stage only."""
+    role: StageRole = StageRole.none
+    """How the summary reports this stage's model."""
+    sources: list[str] = field(default_factory=list)
+    """average: the stages whose weights are averaged; sft: teacher stages that generate the SFT
+    targets (sequence-level distillation baseline; each serves the domains of its teacher entry)."""
+    token_budget_from: str | None = None
+    """sft with sources: train on as many teacher-generated tokens as this opd stage consumed."""
+    evaluate: bool = True
+    """Evaluate this stage's model at its end."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,13 +186,30 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     stages: list[StageConfig] = field(default_factory=list)
 
     def problems(self) -> list[Problem]:
         out: list[Problem] = []
         names = [s.name for s in self.stages]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            out.append(Problem("stages", dupes, "stage names must be unique"))
         for i, stage in enumerate(self.stages):
             if stage.init_from is not None and stage.init_from in names[i:]:
                 out.append(Problem(f"stages[{i}].init_from", stage.init_from,
                                    f"must name an earlier stage, one of {names[:i]}, or a path"))
+            for j, source in enumerate(stage.sources):
+                if source not in names[:i]:
+                    out.append(Problem(f"stages[{i}].sources[{j}]", source, f"must name an earlier stage, one of {names[:i]}"))
+            if stage.kind == StageKind.average and len(stage.sources) < 2:
+                out.append(Problem(f"stages[{i}].sources", stage.sources, "an average stage needs at least two stages"))
+            if stage.token_budget_from is not None and stage.token_budget_from not in names[:i]:
+                out.append(Problem(f"stages[{i}].token_budget_from", stage.token_budget_from,
+                                   f"must name an earlier stage, one of {names[:i]}"))
+            for j, item in enumerate(stage.overrides):
+                if item.split("=", 1)[0].strip().startswith(("student.parallel", "stages")):
+                    out.append(Problem(f"stages[{i}].overrides[{j}]", item,
+                                       "stages share one parallel layout and cannot change the stage list"))
         return out
