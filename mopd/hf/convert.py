@@ -62,7 +62,6 @@ def import_hf(hf_dir: str | Path, megatron_dir: str | Path, *, tp: int = 1, pp: 
         _copy_assets(hf_dir, tmp)
         (tmp / HF_CONFIG_COPY).write_text(json.dumps(hf_config, indent=2) + "\n")
         write_model_yaml(cfg, tmp / MODEL_YAML)
-    reader.close()
     return cfg
 
 

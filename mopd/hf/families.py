@@ -155,7 +155,8 @@ def _refuse_unsupported(hf_config: dict[str, Any], spec: FamilySpec) -> None:
         problems.append("attention_bias=true")
     window = hf_config.get("sliding_window")
     uses_window = hf_config.get("use_sliding_window", spec.family == Family.mistral)
-    if window is not None and uses_window:
+    # a window at least as long as any sequence the model takes is plain causal attention
+    if window is not None and uses_window and window < hf_config.get("max_position_embeddings", 2048):
         problems.append(f"sliding_window={window} (sliding-window attention is not supported)")
     if problems:
         raise CheckpointError(f"config.json ({spec.architecture}): unsupported " + "; ".join(problems))

@@ -33,7 +33,6 @@ class HFReader:
     def __init__(self, hf_dir: str | Path):
         self.root = Path(hf_dir)
         self._file_of = self._index()
-        self._handles: dict[str, object] = {}
 
     def _index(self) -> dict[str, str]:
         index = self.root / INDEX_NAME
@@ -56,23 +55,21 @@ class HFReader:
     def names(self) -> list[str]:
         return list(self._file_of)
 
-    def _handle(self, name: str):
+    def _open(self, name: str):
+        """The shard holding `name`, opened per call: a memory map kept open would keep every page
+        read so far resident (and counted in RSS) until the end of the conversion."""
         if name not in self._file_of:
             raise CheckpointError(f"tensor {name!r} is missing from the HF checkpoint in {self.root}")
-        file = self._file_of[name]
-        if file not in self._handles:
-            self._handles[file] = safe_open(self.root / file, framework="pt")
-        return self._handles[file]
+        return safe_open(self.root / self._file_of[name], framework="pt")
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(name).get_slice(name).get_shape())
+        with self._open(name) as handle:
+            return tuple(handle.get_slice(name).get_shape())
 
     def get(self, name: str) -> torch.Tensor:
-        """A copy of one tensor (the memory map is not kept alive by the result)."""
-        return self._handle(name).get_tensor(name)
-
-    def close(self) -> None:
-        self._handles.clear()
+        """A copy of one tensor."""
+        with self._open(name) as handle:
+            return handle.get_tensor(name)
 
 
 @dataclass(frozen=True)
@@ -118,7 +115,8 @@ class ShardedSafetensorsWriter:
         if self._left_in_shard == 0:
             self._open_next_shard()
         data = tensor.detach().contiguous().cpu()
-        self._stream.write(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        if data.numel():
+            self._stream.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
         self._next += 1
         self._left_in_shard -= 1
 

@@ -1,0 +1,162 @@
+"""Pure parts of the HF converter: family configs, the QKV / SwiGLU / vocab layouts, streaming safetensors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mopd.config import Family, ModelConfig
+from mopd.errors import CheckpointError, ConfigError
+from mopd.hf.convert import check_layout
+from mopd.hf.families import detect_family, hf_config_from_model, model_config_from_hf
+from mopd.hf.mapping import (
+    all_rules,
+    expected_hf_shapes,
+    interleave_qkv,
+    megatron_to_hf,
+    padded_vocab_size,
+    split_qkv,
+    to_megatron,
+)
+from mopd.hf.stream import INDEX_NAME, ShardedSafetensorsWriter, TensorSpec
+
+
+def _hf_config(family: str, **kw) -> dict:
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "mistral": MistralConfig}[family]
+    base = dict(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=96)
+    base.update(kw)
+    cfg = cls(**base).to_dict()
+    cfg["architectures"] = [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                             "mistral": "MistralForCausalLM"}[family]]
+    return cfg
+
+
+@pytest.mark.parametrize("family,qkv_bias,qk_norm", [("llama", False, False), ("qwen2", True, False),
+                                                     ("qwen3", False, True), ("mistral", False, False)])
+def test_each_family_config_maps_to_a_model_config_and_back(family, qkv_bias, qk_norm):
+    from transformers import AutoConfig
+
+    hf = _hf_config(family, rope_theta=250000.0, tie_word_embeddings=True, sliding_window=None, head_dim=24)
+    cfg = model_config_from_hf(hf)
+    assert (cfg.family, cfg.add_qkv_bias, cfg.qk_layernorm) == (Family(family), qkv_bias, qk_norm)
+    assert (cfg.num_query_groups, cfg.head_dim, cfg.ffn_hidden_size, cfg.vocab_size) == (2, 24, 96, 300)
+    assert cfg.rope_theta == 250000.0 and cfg.tie_word_embeddings
+    back = AutoConfig.for_model(**hf_config_from_model(cfg, dtype="float32"))
+    assert back.architectures == hf["architectures"]
+    assert (back.num_key_value_heads, back.head_dim, back.intermediate_size) == (2, 24, 96)
+    assert back.rope_parameters["rope_theta"] == 250000.0 and back.tie_word_embeddings
+
+
+def test_old_style_rope_theta_key_is_read():
+    hf = _hf_config("llama")
+    hf.pop("rope_parameters")
+    hf["rope_theta"] = 1e6
+    assert model_config_from_hf(hf).rope_theta == 1e6
+
+
+def test_unsupported_architecture_is_refused_naming_it_and_the_bridge_backend():
+    with pytest.raises(CheckpointError, match=r"GPT2LMHeadModel.*--backend bridge"):
+        detect_family({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"})
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "llama3"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"attention_bias": True}, "attention_bias"),
+    ({"mlp_bias": True}, "mlp_bias"),
+])
+def test_settings_the_student_cannot_reproduce_are_refused_naming_the_key(change, needle):
+    hf = {**_hf_config("llama"), **change}
+    with pytest.raises(CheckpointError, match=needle):
+        model_config_from_hf(hf)
+
+
+def test_mistral_sliding_window_is_refused():
+    with pytest.raises(CheckpointError, match="sliding_window=4096"):
+        model_config_from_hf(_hf_config("mistral", sliding_window=4096))
+
+
+def test_qkv_interleave_puts_each_query_group_before_its_key_and_value():
+    cfg = ModelConfig(hidden_size=4, num_attention_heads=4, num_query_groups=2, head_dim=1)
+    q = torch.tensor([[0.0], [1.0], [2.0], [3.0]])
+    k = torch.tensor([[10.0], [11.0]])
+    v = torch.tensor([[20.0], [21.0]])
+    fused = interleave_qkv(q, k, v, cfg)
+    assert fused.flatten().tolist() == [0, 1, 10, 20, 2, 3, 11, 21]
+    assert all(torch.equal(a, b) for a, b in zip(split_qkv(fused, cfg), (q, k, v)))
+
+
+def test_qkv_bias_interleaves_like_the_weight():
+    cfg = ModelConfig(hidden_size=8, num_attention_heads=2, num_query_groups=1, head_dim=2)
+    q, k, v = torch.arange(4.0), torch.arange(10.0, 12.0), torch.arange(20.0, 22.0)
+    assert interleave_qkv(q, k, v, cfg).tolist() == [0, 1, 2, 3, 10, 11, 20, 21]
+
+
+def test_fc1_stacks_gate_over_up_and_vocab_rows_are_zero_padded():
+    cfg = ModelConfig(vocab_size=3, hidden_size=2, num_attention_heads=1, ffn_hidden_size=2, num_layers=1)
+    rules = {r.megatron: r for r in all_rules(cfg)}
+    gate, up = torch.ones(2, 2), 2 * torch.ones(2, 2)
+    fc1 = to_megatron(rules["decoder.layers.0.mlp.linear_fc1.weight"], [gate, up], cfg, padded_vocab=8)
+    assert fc1[:, 0].tolist() == [1, 1, 2, 2]
+    emb = to_megatron(rules["embedding.word_embeddings.weight"], [torch.ones(3, 2)], cfg, padded_vocab=8)
+    assert emb.shape == (8, 2) and emb[3:].abs().sum() == 0
+
+
+def test_vocab_padding_follows_megatron_rule_for_each_tp():
+    cfg = ModelConfig(vocab_size=300)
+    assert [padded_vocab_size(cfg, tp) for tp in (1, 2, 4)] == [384, 512, 512]
+
+
+def test_tied_models_have_no_lm_head_and_untied_ones_do():
+    assert "lm_head.weight" not in expected_hf_shapes(ModelConfig(tie_word_embeddings=True))
+    assert expected_hf_shapes(ModelConfig(vocab_size=50, hidden_size=8, num_attention_heads=2))["lm_head.weight"] == (50, 8)
+
+
+@pytest.mark.parametrize("heads,groups,tp,needle", [(6, 6, 4, "num_attention_heads=6"), (8, 2, 4, "query groups")])
+def test_tp_that_does_not_divide_heads_or_query_groups_is_refused_naming_the_field(heads, groups, tp, needle):
+    cfg = ModelConfig(hidden_size=48, num_attention_heads=heads, num_query_groups=groups, ffn_hidden_size=64)
+    with pytest.raises(ConfigError, match=rf"parallel.tensor_parallel=4.*{needle}"):
+        check_layout(cfg, tp, 1)
+
+
+def test_pp_that_does_not_divide_layers_is_refused():
+    with pytest.raises(ConfigError, match="parallel.pipeline_parallel=2.*num_layers=3"):
+        check_layout(ModelConfig(num_layers=3), 1, 2)
+
+
+def test_unknown_megatron_tensor_is_refused_by_name():
+    with pytest.raises(CheckpointError, match="decoder.layers.0.mystery.weight"):
+        list(megatron_to_hf({"decoder.layers.0.mystery.weight": torch.zeros(1)}, ModelConfig()))
+
+
+def test_streaming_writer_shards_read_back_with_safetensors(tmp_path):
+    tensors = {f"t{i}": torch.randn(4, 8, dtype=dtype) for i, dtype in enumerate([torch.float32, torch.bfloat16] * 3)}
+    specs = [TensorSpec(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
+    writer = ShardedSafetensorsWriter(tmp_path, specs, max_shard_bytes=200)
+    for name, t in tensors.items():
+        writer.write(name, t)
+    writer.close()
+    index = json.loads((tmp_path / INDEX_NAME).read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 1 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    loaded = {}
+    for f in files:
+        loaded.update(load_file(tmp_path / f))
+    assert loaded.keys() == tensors.keys()
+    assert all(torch.equal(loaded[n], t) and loaded[n].dtype == t.dtype for n, t in tensors.items())
+
+
+def test_streaming_writer_refuses_out_of_plan_and_unfinished_writes(tmp_path):
+    specs = [TensorSpec("a", (2,), torch.float32), TensorSpec("b", (2,), torch.float32)]
+    writer = ShardedSafetensorsWriter(tmp_path, specs)
+    with pytest.raises(CheckpointError, match="'b'.*arrived where 'a'"):
+        writer.write("b", torch.zeros(2))
+    writer.write("a", torch.zeros(2))
+    with pytest.raises(CheckpointError, match="first: 'b'"):
+        writer.close()
