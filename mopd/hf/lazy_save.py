@@ -20,6 +20,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
     _replace_state_dict_keys_with_sharded_keys,
     mcore_to_pyt_state_dict,
 )
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
 
 from mopd.errors import CheckpointError
@@ -88,7 +89,12 @@ class LazyTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
         writer = dcp.FileSystemWriter(str(checkpoint_dir), single_file_per_rank=False, thread_count=1)
         planner = _LazySavePlanner(self.source, dedup_replicated_tensors=False, flatten_state_dict=False,
                                    flatten_sharded_tensors=False)
-        dcp.save(pyt_state_dict, storage_writer=writer, planner=planner)
+        try:
+            dcp.save(pyt_state_dict, storage_writer=writer, planner=planner)
+        except CheckpointException as exc:
+            # a BaseException wrapping the real error (a bad tensor, a full disk): surface that one
+            (original, _trace), *_ = exc.failures.values()
+            raise original from None
 
 
 __all__ = ["LazyTorchDistSaveStrategy", "TensorSource"]
