@@ -103,21 +103,22 @@ def build_loss_fn(
 def distill_loss(logits: torch.Tensor, batch: TrainBatch, *, plan: LossPlan) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """[B, S, V_local] logits -> (scalar loss SUM over valid tokens, metric sums). See the module docstring."""
     validate_batch(logits, batch, plan)
-    logits2d = logits.reshape(-1, logits.shape[-1])
     mask = batch.loss_mask.reshape(-1)
     rows = (mask > 0).nonzero().squeeze(1)
     teacher_of = batch.teacher_index.reshape(-1)[rows]
     topk_ids = batch.topk_ids.reshape(-1, batch.topk_ids.shape[-1])[rows].long()
     targets = batch.targets.reshape(-1)[rows].long()
     k = topk_ids.shape[1]
-    sel = select_logprobs(logits2d, rows, torch.cat([topk_ids, targets[:, None]], dim=1), plan.shard,
+    sel = select_logprobs(logits, rows, torch.cat([topk_ids, targets[:, None]], dim=1), plan.shard,
                           tail_cols=k, chunk_tokens=plan.chunk_tokens)
     seq_of = rows // batch.loss_mask.shape[1]
-    loss_sum = logits2d[:0].float().sum()  # a zero that keeps the graph when no token is valid
+    # A zero on the graph even when no token is valid. Not a slice of the logits: its backward would
+    # allocate a second full-size gradient.
+    loss_sum = sel.logp[:, :0].sum()
     metrics: dict[str, torch.Tensor] = {}
     for tp in plan.teachers:
         pos = (teacher_of == tp.index).nonzero().squeeze(1)
-        x = _inputs(batch, logits2d, rows, pos, seq_of, sel, k, plan)
+        x = _inputs(batch, logits, rows, pos, seq_of, sel, k, plan)
         terms = [(ObjectiveName(cfg.name).value, get_objective(cfg.name)(x, cfg)) for cfg in tp.terms]
         total = tp.coef * sum(cfg.coef * term.loss for cfg, (_, term) in zip(tp.terms, terms))
         weight = mask[rows[pos]].float()
@@ -127,7 +128,7 @@ def distill_loss(logits: torch.Tensor, batch: TrainBatch, *, plan: LossPlan) -> 
     return loss_sum, metrics
 
 
-def _inputs(batch: TrainBatch, logits2d: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
+def _inputs(batch: TrainBatch, logits: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
             seq_of: torch.Tensor, sel, k: int, plan: LossPlan) -> ObjectiveInputs:
     """The n tokens ``rows[pos]`` of one teacher as ObjectiveInputs."""
     r = rows[pos]
@@ -135,9 +136,6 @@ def _inputs(batch: TrainBatch, logits2d: torch.Tensor, rows: torch.Tensor, pos: 
     def flat(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(-1, *t.shape[2:])[r]
 
-    teacher_logits = None
-    if batch.teacher_logits is not None:
-        teacher_logits = batch.teacher_logits.reshape(-1, batch.teacher_logits.shape[-1])
     return ObjectiveInputs(
         student=Buckets(sel.logp[pos, :k], sel.log_tail[pos]),
         student_sampled=sel.logp[pos, k],
@@ -146,5 +144,5 @@ def _inputs(batch: TrainBatch, logits2d: torch.Tensor, rows: torch.Tensor, pos: 
         sampled_logprob=flat(batch.sampled_logprob).float(),
         behaviour_logprobs=flat(batch.behaviour_logprobs).float(),
         reward=batch.reward.float()[seq_of[pos]],
-        in_trainer=InTrainerTeacher(logits2d, teacher_logits, r, plan.shard, plan.chunk_tokens),
+        in_trainer=InTrainerTeacher(logits, batch.teacher_logits, r, plan.shard, plan.chunk_tokens),
     )

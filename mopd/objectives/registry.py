@@ -23,9 +23,9 @@ class InTrainerTeacher:
     """Full-vocabulary access for teachers that run inside the trainer (student-top-K objectives)."""
 
     student_logits: torch.Tensor
-    """[N, V_local] the student's logits slice (differentiable)."""
+    """[..., V_local] the student's logits slice (differentiable); leading dims flatten to N rows."""
     teacher_logits: torch.Tensor | None
-    """[N, V_local] the teacher's logits slice, same layout (None: no in-trainer teacher in this batch)."""
+    """[..., V_local] the teacher's logits slice, same layout (None: no in-trainer teacher in this batch)."""
     rows: torch.Tensor
     """[n] int64 rows of the two logits tensors that belong to this teacher's tokens."""
     shard: VocabShard

@@ -165,13 +165,16 @@ class _SelectLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, rows, ids, tail_cols, scale, shard, chunk_tokens):  # noqa: D401
+        # Flatten inside, so the gradient comes back in the caller's shape: autograd would clone a gradient
+        # that arrives through a view before storing it in a leaf's .grad (one more [N, V_local] copy).
+        flat = logits.reshape(-1, logits.shape[-1])
         n = rows.shape[0]
         out_sel = torch.empty(ids.shape, dtype=torch.float32, device=logits.device)
         out_lse = torch.empty(n, dtype=torch.float32, device=logits.device)
         out_tail = torch.empty(n, dtype=torch.float32, device=logits.device)
         chunks = _chunks(rows, chunk_tokens)
         for a, b, first in chunks:
-            sel, lse, tail = _forward_chunk(_working_copy(logits, rows, a, b, first, shard), ids[a:b], tail_cols, scale, shard)
+            sel, lse, tail = _forward_chunk(_working_copy(flat, rows, a, b, first, shard), ids[a:b], tail_cols, scale, shard)
             out_sel[a:b], out_lse[a:b], out_tail[a:b] = sel, lse, tail
         ctx.save_for_backward(logits, rows, ids, out_lse, out_tail)
         ctx.args = (tail_cols, scale, shard, chunks)
@@ -184,14 +187,16 @@ class _SelectLogprobs(torch.autograd.Function):
         tail_cols, scale, shard, chunks = ctx.args
         g_sel = torch.zeros_like(ids, dtype=torch.float32) if g_sel is None else g_sel.float()
         g_tail = torch.zeros_like(lse) if g_tail is None else g_tail.float()
-        grad = torch.zeros_like(logits)  # padding columns and unselected rows stay exactly zero
+        grad = torch.zeros_like(logits, memory_format=torch.contiguous_format)  # padding, other rows: 0
+        flat = logits.reshape(-1, logits.shape[-1])
+        grad_flat = grad.view(-1, grad.shape[-1])
         for a, b, first in chunks:
-            g = _backward_chunk(_working_copy(logits, rows, a, b, first, shard), ids[a:b], tail_cols, scale, shard,
+            g = _backward_chunk(_working_copy(flat, rows, a, b, first, shard), ids[a:b], tail_cols, scale, shard,
                                 lse[a:b], log_tail[a:b], g_sel[a:b], g_tail[a:b])
             if first is not None:
-                grad[first:first + b - a, : g.shape[1]].copy_(g)  # casts in place, no second buffer
+                grad_flat[first:first + b - a, : g.shape[1]].copy_(g)  # casts in place, no second buffer
             else:
-                grad[rows[a:b], : g.shape[1]] = g.to(grad.dtype)
+                grad_flat[rows[a:b], : g.shape[1]] = g.to(grad.dtype)
         return grad, None, None, None, None, None, None
 
 
@@ -213,15 +218,16 @@ def select_logprobs(
 ) -> Selection:
     """Log-probabilities of ``softmax(logits / temperature)`` at global ``ids`` for the given rows.
 
-    logits: [N, V_local] this rank's vocabulary slice (any float dtype; never upcast beyond one chunk).
-    rows:   [n] int64 distinct row indices into ``logits`` to evaluate (e.g. the valid response tokens).
+    logits: [..., V_local] this rank's vocabulary slice (any float dtype; never upcast beyond one chunk);
+            the leading dims are flattened to N rows.
+    rows:   [n] int64 distinct, ascending row indices into the N rows (e.g. the valid response tokens).
     ids:    [n, K'] global token ids in ``[0, vocab_size)``, identical on every TP rank.
     tail_cols: the first ``tail_cols`` columns of ``ids`` define the set S whose complement is the tail.
     Every TP rank must call this with the same rows/ids (it runs collectives on ``shard.tp_group``).
     """
-    if logits.dim() != 2 or ids.dim() != 2 or ids.shape[0] != rows.shape[0]:
+    if ids.dim() != 2 or ids.shape[0] != rows.shape[0]:
         raise ValueError(f"select_logprobs: logits {tuple(logits.shape)}, rows {tuple(rows.shape)}, "
-                         f"ids {tuple(ids.shape)} do not fit [N, V_local], [n], [n, K]")
+                         f"ids {tuple(ids.shape)} do not fit [..., V_local], [n], [n, K]")
     sel, tail, lse = _SelectLogprobs.apply(logits, rows.long(), ids.long(), tail_cols, 1.0 / temperature,
                                            shard, max(1, chunk_tokens))
     return Selection(logp=sel, log_tail=tail, lse=lse)
@@ -236,6 +242,7 @@ def global_topk_ids(
     Padding columns are never chosen; k is capped at ``vocab_size``. Ties resolve to the lower id.
     """
     k = min(k, shard.vocab_size)
+    logits = logits.reshape(-1, logits.shape[-1])
     out = torch.empty(rows.shape[0], k, dtype=torch.long, device=logits.device)
     for a in range(0, rows.shape[0], chunk_tokens):
         b = min(rows.shape[0], a + chunk_tokens)
