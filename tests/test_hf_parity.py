@@ -61,20 +61,21 @@ def _parity_worker(rank: int, world: int, root: str) -> dict:
 
 def _check_case(case_dir: Path, layout) -> dict:
     """Logit difference (last stage only) and the HF tensors this rank streams from its model chunk."""
-    from megatron.core import dist_checkpointing
     from safetensors.torch import load_file
 
     from mopd.hf import megatron_to_hf
     from mopd.hf.convert import read_model_yaml
-    from mopd.hf.layout import build_gpt
-    from mopd.hf.mapping import padded_vocab_size
+    from mopd.student import build_model, load_model_weights, save_model_weights
 
     ckpt = case_dir / "megatron"
     cfg = read_model_yaml(ckpt / "mopd_model.yaml")
-    model = build_gpt(cfg, padded_vocab_size(cfg, layout.tp), torch.float32, tp=layout.tp, pp=layout.pp,
-                      pre_process=layout.is_first_stage, post_process=layout.is_last_stage)
-    dist_checkpointing.load(model.sharded_state_dict(), str(ckpt))
+    student = StudentConfig(model=cfg, parallel=ParallelConfig(tensor_parallel=layout.tp, pipeline_parallel=layout.pp))
+    (model,) = build_model(student, layout, wrap_ddp=False)
+    load_model_weights(ckpt, [model])
     model.eval()
+    if layout.tp * layout.pp > 1:
+        # a training-side save at this layout, exported by the parent process
+        save_model_weights(case_dir / f"saved_tp{layout.tp}pp{layout.pp}", [model])
     row = {"logits": _megatron_logits_diff(case_dir, cfg, model, layout)}
     original = load_file(case_dir / "hf" / "model.safetensors")
     streamed = dict(megatron_to_hf([model], cfg))
@@ -151,3 +152,20 @@ def test_model_chunks_stream_the_original_hf_tensors_bit_for_bit(parity_results,
 
 def _rows(results: dict, case: str, tp: int, pp: int) -> dict:
     return {k: v for k, v in results.items() if k.startswith(f"{case}/tp{tp}pp{pp}/")}
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+@pytest.mark.parametrize("case", ["llama_gqa_untied", "qwen2_qkv_bias_tied"])
+def test_weights_saved_by_training_at_tp2_or_pp2_export_to_the_original_hf_tensors(parity_results, case, tp, pp,
+                                                                                      tmp_path):
+    from safetensors.torch import load_file
+
+    from mopd.hf import export_hf
+    from mopd.hf.convert import read_model_yaml
+
+    case_dir = Path(parity_results["_root"]) / case
+    cfg = read_model_yaml(case_dir / "megatron" / "mopd_model.yaml")
+    export_hf(case_dir / f"saved_tp{tp}pp{pp}", tmp_path / "hf", model_cfg=cfg)
+    original, exported = load_file(case_dir / "hf" / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors")
+    assert sorted(exported) == sorted(original)
+    assert all(torch.equal(exported[n], t) for n, t in original.items())

@@ -37,7 +37,7 @@ MODEL_YAML = "mopd_model.yaml"
 HF_CONFIG_COPY = "hf_config.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".distcp", ".h5", ".msgpack")
 _NOT_ASSETS = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "config.json",
-               "metadata.json", ".metadata", MODEL_YAML, HF_CONFIG_COPY, "common.pt"}
+               "metadata.json", ".metadata", MODEL_YAML, HF_CONFIG_COPY, "common.pt", "mopd_checkpoint.json"}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -62,6 +62,7 @@ def import_hf(hf_dir: str | Path, megatron_dir: str | Path, *, tp: int = 1, pp: 
         _copy_assets(hf_dir, tmp)
         (tmp / HF_CONFIG_COPY).write_text(json.dumps(hf_config, indent=2) + "\n")
         write_model_yaml(cfg, tmp / MODEL_YAML)
+        _write_weights_marker(tmp, tp, pp)
     return cfg
 
 
@@ -152,6 +153,14 @@ def _save_lazily(reader: HFReader, cfg: ModelConfig, padded: int, dtype: torch.d
 
     strategy = LazyTorchDistSaveStrategy(TensorSource(sharded, produce))
     dist_checkpointing.save(sharded, str(out), sharded_strategy=strategy)
+
+
+def _write_weights_marker(folder: Path, tp: int, pp: int) -> None:
+    """The marker mopd.student.checkpoint.load_model_weights requires of a complete weights-only folder."""
+    from mopd.student.checkpoint import MARKER
+
+    marker = {"step": None, "kind": "weights", "layout": {"tp": tp, "pp": pp, "dp": 1}, "source": "hf_import"}
+    (folder / MARKER).write_text(json.dumps(marker))
 
 
 def _load_groups(src: Path, cfg: ModelConfig, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
