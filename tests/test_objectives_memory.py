@@ -9,6 +9,9 @@ from __future__ import annotations
 import importlib.util
 import math
 import sys
+
+import pytest
+import torch
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "objective_memory.py"
@@ -29,3 +32,11 @@ def test_chunked_forward_kl_peak_memory_stays_under_one_and_a_half_logits_unlike
     assert chunked.ratio < 1.5, f"chunked peak extra {chunked.ratio:.2f} x logits"
     # The measurement does see torch's allocations: the naive one holds fp32 [N, V] copies (2x bf16 each).
     assert naive.ratio > 4.0, f"naive peak extra only {naive.ratio:.2f} x logits"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_chunked_forward_kl_peak_cuda_memory_stays_under_one_and_a_half_logits():
+    naive, chunked = _bench().compare(tokens=8192, vocab=32768, k=64, dtype="bf16", chunk_tokens=512, device="cuda")
+    assert math.isclose(naive.loss, chunked.loss, rel_tol=1e-3)
+    assert chunked.ratio < 1.5 and naive.ratio > 4.0, (chunked.ratio, naive.ratio)

@@ -10,10 +10,12 @@ Teacher temperature tau (remote teachers send log p_t at tau = 1 over the full v
     p_t^tau(v)    = p_t(v)^(1/tau) / Z,   v in S
     p_t^tau(tail) = p_t(tail)^(1/tau) / Z,   Z makes the K + 1 buckets sum to 1.
 
-The tail line is the approximation: it treats the tail as ONE token, while the exact value is
-``sum_{v in tail} p_t(v)^(1/tau) / Z_full``. For tau < 1 it over-estimates the tail (by at most a factor
-|tail|^(1 - 1/tau) ... 1), for tau > 1 it under-estimates it; at tau = 1 it is exact and Z only removes
-the bf16 rounding of the transported logprobs. In-trainer teachers (full logits) apply tau exactly.
+The tail line is the approximation: it treats the tail as ONE token, p_t(tail)^(1/tau), while the exact
+unnormalised value is ``sum_{v in tail} p_t(v)^(1/tau)`` (unknown: the teacher did not send those
+entries). By the power-mean inequality, for tau < 1 the approximation over-estimates the tail's weight
+by a factor in [1, |tail|^(1/tau - 1)], for tau > 1 it under-estimates it by a factor in
+[1, |tail|^(1 - 1/tau)]; at tau = 1 it is exact and Z only removes the bf16 rounding of the transported
+logprobs. In-trainer teachers (full logits, ``reverse_kl_student_topk``) apply tau exactly.
 
 Per-bucket contributions c_b, summed over buckets b (K entries, plus the tail when enabled):
 

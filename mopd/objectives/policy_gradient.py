@@ -72,7 +72,11 @@ def rlsd(student_logp: torch.Tensor, teacher_logp: torch.Tensor, reward: torch.T
 def aopd(student_logp: torch.Tensor, teacher_logp: torch.Tensor, forward_kl: TermOutput, *,
          behaviour_logp: torch.Tensor | None = None, ratio_cap: float = 2.0,
          token_clip: float = 0.0) -> TermOutput:
-    """Gate per token between the top-K forward KL ``forward_kl`` (already clipped) and the log-ratio PG."""
+    """Gate per token between the top-K forward KL ``forward_kl`` (already clipped) and the log-ratio PG.
+
+    token_clip here clamps the PG branch's advantage; the registry passes 0, because the config's
+    token_clip already capped the KL branch (one knob, one meaning per objective).
+    """
     use_kl = (teacher_logp < student_logp).detach()
     pg = reverse_kl_sampled(student_logp, teacher_logp, behaviour_logp=behaviour_logp, ratio_cap=ratio_cap,
                             token_clip=token_clip)

@@ -31,7 +31,9 @@ def check_shapes(logits: torch.Tensor, batch: TrainBatch) -> None:
     if batch.loss_mask.dim() != 2:
         raise ObjectiveError(f"loss_mask has shape {tuple(batch.loss_mask.shape)}, expected [B, S]")
     b, s = batch.loss_mask.shape
-    k = batch.topk_ids.shape[-1] if batch.topk_ids.dim() == 3 else -1
+    if batch.topk_ids.dim() != 3 or batch.topk_ids.shape[-1] < 1:
+        raise ObjectiveError(f"topk_ids has shape {tuple(batch.topk_ids.shape)}, expected [B, S, K] with K >= 1")
+    k = batch.topk_ids.shape[-1]
     v = logits.shape[-1]
     expected = {
         "logits": (logits, (b, s, v)), "targets": (batch.targets, (b, s)),
@@ -43,7 +45,7 @@ def check_shapes(logits: torch.Tensor, batch: TrainBatch) -> None:
     if batch.teacher_logits is not None:
         expected["teacher_logits"] = (batch.teacher_logits, (b, s, v))
     for name, (tensor, shape) in expected.items():
-        if tuple(tensor.shape) != shape or k < 1:
+        if tuple(tensor.shape) != shape:
             raise ObjectiveError(f"{name} has shape {tuple(tensor.shape)}, expected {shape} to match "
                                  f"loss_mask {(b, s)}, topk_ids [B, S, K] and logits [B, S, V_local={v}]")
 
