@@ -129,7 +129,8 @@ def compare(tokens: int = 8192, vocab: int = 32768, k: int = 64, dtype: str = "b
             device: str = "cpu") -> tuple[Measurement, Measurement]:
     """(naive, chunked), each measured from a clean start; prints both and their ratio."""
     if device == "cuda":
-        results = [measure(impl, tokens, vocab, k, DTYPES[dtype], chunk_tokens, device) for impl in ("naive", "chunked")]
+        results = [measure(impl, tokens, vocab, k, DTYPES[dtype], chunk_tokens, device)
+                   for impl in ("naive", "chunked")]
     else:
         results = [measure_in_subprocess(impl, tokens, vocab, k, dtype, chunk_tokens) for impl in ("naive", "chunked")]
     naive, chunked = results

@@ -100,7 +100,8 @@ def build_loss_fn(
     return partial(distill_loss, plan=plan)
 
 
-def distill_loss(logits: torch.Tensor, batch: TrainBatch, *, plan: LossPlan) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def distill_loss(logits: torch.Tensor, batch: TrainBatch, *,
+                 plan: LossPlan) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """[B, S, V_local] logits -> (scalar loss SUM over valid tokens, metric sums). See the module docstring."""
     validate_batch(logits, batch, plan)
     mask = batch.loss_mask.reshape(-1)

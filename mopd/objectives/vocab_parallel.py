@@ -146,7 +146,7 @@ def _chunks(rows: torch.Tensor, chunk_tokens: int) -> list[tuple[int, int, int |
     out = []
     for a in range(0, len(bounds), chunk_tokens):
         b = min(len(bounds), a + chunk_tokens)
-        contiguous = bounds[b - 1] - bounds[a] == b - a - 1 and bounds[a:b] == list(range(bounds[a], bounds[b - 1] + 1))
+        contiguous = bounds[a:b] == list(range(bounds[a], bounds[a] + b - a))
         out.append((a, b, bounds[a] if contiguous else None))
     return out
 
@@ -174,7 +174,8 @@ class _SelectLogprobs(torch.autograd.Function):
         out_tail = torch.empty(n, dtype=torch.float32, device=logits.device)
         chunks = _chunks(rows, chunk_tokens)
         for a, b, first in chunks:
-            sel, lse, tail = _forward_chunk(_working_copy(flat, rows, a, b, first, shard), ids[a:b], tail_cols, scale, shard)
+            work = _working_copy(flat, rows, a, b, first, shard)
+            sel, lse, tail = _forward_chunk(work, ids[a:b], tail_cols, scale, shard)
             out_sel[a:b], out_lse[a:b], out_tail[a:b] = sel, lse, tail
         ctx.save_for_backward(logits, rows, ids, out_lse, out_tail)
         ctx.args = (tail_cols, scale, shard, chunks)
