@@ -160,3 +160,12 @@ def test_streaming_writer_refuses_out_of_plan_and_unfinished_writes(tmp_path):
     writer.write("a", torch.zeros(2))
     with pytest.raises(CheckpointError, match="first: 'b'"):
         writer.close()
+
+
+def test_vocab_padding_agrees_with_the_student_builder():
+    from mopd.student.model import padded_vocab_size as student_padded
+
+    for vocab in (1, 127, 128, 300, 151_936):
+        for tp in (1, 2, 8):
+            cfg = ModelConfig(vocab_size=vocab)
+            assert padded_vocab_size(cfg, tp) == student_padded(cfg, tp)

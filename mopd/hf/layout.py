@@ -19,8 +19,8 @@ from mopd.config import ModelConfig
 from mopd.errors import CheckpointError
 
 
-def transformer_config(cfg: ModelConfig, dtype: torch.dtype, *, tp: int = 1, pp: int = 1):
-    """Megatron TransformerConfig of a Llama-style decoder (RMSNorm, SwiGLU, RoPE, GQA), CPU-initialised."""
+def transformer_config(cfg: ModelConfig, dtype: torch.dtype):
+    """Megatron TransformerConfig of a Llama-style decoder (RMSNorm, SwiGLU, RoPE, GQA) at TP=PP=1."""
     from megatron.core.transformer import TransformerConfig
 
     return TransformerConfig(
@@ -29,27 +29,28 @@ def transformer_config(cfg: ModelConfig, dtype: torch.dtype, *, tp: int = 1, pp:
         ffn_hidden_size=cfg.ffn_hidden_size, normalization="RMSNorm", layernorm_epsilon=cfg.rms_norm_eps,
         gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, add_qkv_bias=cfg.add_qkv_bias,
         qk_layernorm=cfg.qk_layernorm, init_method_std=cfg.init_method_std,
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0, bias_dropout_fusion=False,
         apply_rope_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
         gradient_accumulation_fusion=False,
     )
 
 
-def build_gpt(cfg: ModelConfig, padded_vocab: int, dtype: torch.dtype, *, tp: int = 1, pp: int = 1,
-              pre_process: bool = True, post_process: bool = True, parallel_output: bool = True):
-    """A Megatron GPTModel (local spec) for `cfg` in the current parallel state, on the current device."""
+def build_gpt(cfg: ModelConfig, padded_vocab: int, dtype: torch.dtype):
+    """The whole Megatron GPTModel (local spec, TP=1, PP=1) for `cfg`, on the current device.
+
+    Only its structure matters to the converter (it is built on the meta device); the training
+    student comes from mopd.student.build_model, whose checkpoints have the same keys (the parity
+    tests load one into the other's).
+    """
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     spec = get_gpt_layer_local_spec(qk_layernorm=cfg.qk_layernorm, normalization="RMSNorm")
     return GPTModel(
-        config=transformer_config(cfg, dtype, tp=tp, pp=pp), transformer_layer_spec=spec, vocab_size=padded_vocab,
-        max_sequence_length=cfg.max_position_embeddings, pre_process=pre_process, post_process=post_process,
+        config=transformer_config(cfg, dtype), transformer_layer_spec=spec, vocab_size=padded_vocab,
+        max_sequence_length=cfg.max_position_embeddings,
         share_embeddings_and_output_weights=cfg.tie_word_embeddings, position_embedding_type="rope",
-        parallel_output=parallel_output,
-        rotary_base=int(cfg.rope_theta) if float(cfg.rope_theta).is_integer() else cfg.rope_theta,
     )
 
 
