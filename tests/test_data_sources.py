@@ -168,3 +168,25 @@ def test_prompts_are_rendered_with_the_chat_template_when_the_tokenizer_has_one(
     (p,) = build_source(cfg, tok)
     assert p.ids.tolist() == TOK.encode("<user>rev:abc=\n<assistant>/nothink ")
     assert not PromptRenderer(TOK).uses_chat_template and PromptRenderer(tok).uses_chat_template
+
+
+def test_conversational_prompts_render_every_message_and_keep_the_last_user_text(tmp_path):
+    tok = build_char_tokenizer()
+    tok.chat_template = TEMPLATE
+    convo = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "rev:ab="},
+             {"role": "assistant", "content": "ba"}, {"role": "user", "content": "rev:cd="}]
+    lines = [json.dumps({"prompt": convo, "domain": "reverse"}),
+             json.dumps({"prompt": [{"role": "user"}], "domain": "reverse"}),  # 2: no content
+             json.dumps({"prompt": [{"role": "system", "content": "x"}], "domain": "reverse"}),  # 3: no user turn
+             json.dumps({"prompt": [], "domain": "reverse"})]  # 4: empty
+    path = write_jsonl(tmp_path / "c.jsonl", lines)
+    src = jsonl_source(path, tok, config(path, max_prompt_tokens=100))
+    (p,) = src
+    assert p.text == "rev:cd="
+    assert p.ids.tolist() == TOK.encode("<system>be brief\n<user>rev:ab=\n<assistant>ba\n<user>rev:cd=\n<assistant>")
+    assert [(b.location, b.reason) for b in src.report.bad] == [
+        (2, BadReason.wrong_type), (3, BadReason.missing_prompt), (4, BadReason.missing_prompt)]
+    assert src.report.bad[0].detail == "prompt[0] is not a message with string 'role' and 'content'"
+    with pytest.raises(DataError, match=r"c.jsonl line 1: a prompt is a list of chat messages but the tokenizer "
+                                        r"has no chat template"):
+        jsonl_source(path, TOK, config(path, max_prompt_tokens=100))

@@ -45,11 +45,15 @@ class Record:
     location: int
     """1-based line of a JSONL file, or 0-based row of a dataset."""
     prompt: str
+    """The prompt text; for a conversation, the content of its last user message."""
     domain: str
     pi: str | None = None
     reference: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     """The record's other scalar fields, as strings (routing rules can match on them)."""
+    messages: tuple[tuple[str, str], ...] | None = None
+    """``(role, content)`` pairs when the prompt field held a conversation (TRL's conversational
+    format); rendered with the chat template as a whole."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,16 +72,42 @@ def _optional_text(raw: dict, key: str, location: int, allow_int: bool = False) 
     return BadRecord(location, BadReason.wrong_type, f"field {key!r} is {type(value).__name__}, expected a string")
 
 
+def _messages(value: list, key: str, location: int) -> tuple[tuple[str, str], ...] | BadRecord:
+    out = []
+    for i, m in enumerate(value):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            return BadRecord(location, BadReason.wrong_type,
+                             f"{key}[{i}] is not a message with string 'role' and 'content'")
+        out.append((m["role"], m["content"]))
+    if not any(role == "user" and content.strip() for role, content in out):
+        return BadRecord(location, BadReason.missing_prompt, f"conversation {key!r} has no non-empty user message")
+    return tuple(out)
+
+
+def _prompt(raw: dict, key: str, location: int) -> tuple[str, tuple[tuple[str, str], ...] | None] | BadRecord:
+    """``(text, messages)`` from a string prompt or a list of chat messages."""
+    prompt = raw.get(key)
+    if prompt is None or prompt == [] or (isinstance(prompt, str) and not prompt.strip()):
+        return BadRecord(location, BadReason.missing_prompt, f"no non-empty {key!r} field")
+    if isinstance(prompt, str):
+        return prompt, None
+    if not isinstance(prompt, list):
+        return BadRecord(location, BadReason.wrong_type,
+                         f"field {key!r} is {type(prompt).__name__}, expected a string or a list of messages")
+    messages = _messages(prompt, key, location)
+    if isinstance(messages, BadRecord):
+        return messages
+    return next(c for r, c in reversed(messages) if r == "user" and c.strip()), messages
+
+
 def parse_record(raw: object, location: int, fields: FieldNames, domains: frozenset[str] | None) -> Record | BadRecord:
     """Validate one decoded record; ``domains`` (when set) lists the domains to accept."""
     if not isinstance(raw, dict):
         return BadRecord(location, BadReason.not_an_object, f"record is {type(raw).__name__}, expected an object")
-    prompt = raw.get(fields.prompt)
-    if prompt is None or (isinstance(prompt, str) and not prompt.strip()):
-        return BadRecord(location, BadReason.missing_prompt, f"no non-empty {fields.prompt!r} field")
-    if not isinstance(prompt, str):
-        return BadRecord(location, BadReason.wrong_type,
-                         f"field {fields.prompt!r} is {type(prompt).__name__}, expected a string")
+    prompt = _prompt(raw, fields.prompt, location)
+    if isinstance(prompt, BadRecord):
+        return prompt
+    text, messages = prompt
     parsed = [_optional_text(raw, fields.domain, location), _optional_text(raw, fields.pi, location),
               _optional_text(raw, fields.reference, location, allow_int=True)]
     for value in parsed:
@@ -91,7 +121,7 @@ def parse_record(raw: object, location: int, fields: FieldNames, domains: frozen
     used = {fields.prompt, fields.domain, fields.pi, fields.reference}
     metadata = {k: str(v) for k, v in raw.items()
                 if k not in used and isinstance(v, (str, int, float, bool))}
-    return Record(location, prompt, domain, pi, reference, metadata)
+    return Record(location, text, domain, pi, reference, metadata, messages)
 
 
 def parse_json_line(line: bytes, location: int, fields: FieldNames,

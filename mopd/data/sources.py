@@ -9,7 +9,7 @@ draws batches from a source and can resume mid-epoch.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -41,12 +41,17 @@ class PromptRenderer:
     def uses_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
-    def __call__(self, text: str) -> list[int]:
+    def __call__(self, prompt: str | Sequence[tuple[str, str]]) -> list[int]:
+        """Ids of a prompt text (one user message) or of a conversation of ``(role, content)`` pairs."""
         if not self.uses_chat_template:
-            return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+            if not isinstance(prompt, str):
+                raise DataError("a prompt is a list of chat messages but the tokenizer has no chat template; "
+                                "set one or give plain-text prompts")
+            return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        messages = [("user", prompt)] if isinstance(prompt, str) else prompt
         rendered = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True,
-            **self.chat_template_kwargs,
+            [{"role": role, "content": content} for role, content in messages], tokenize=False,
+            add_generation_prompt=True, **self.chat_template_kwargs,
         )
         # The template writes any <bos> itself; adding special tokens again would double it.
         return list(self.tokenizer(rendered, add_special_tokens=False)["input_ids"])
@@ -91,7 +96,10 @@ def _load_records(origin: str, unit: str, parsed: Iterable[Record | BadRecord], 
         if isinstance(item, BadRecord):
             bad.append(item)
             continue
-        ids = render(item.prompt)
+        try:
+            ids = render(item.prompt if item.messages is None else item.messages)
+        except DataError as e:
+            raise DataError(f"{origin} {unit} {item.location}: {e}") from None
         if len(ids) > max_prompt_tokens:
             bad.append(BadRecord(item.location, BadReason.too_long,
                                  f"{len(ids)} tokens > data.max_prompt_tokens={max_prompt_tokens}"))
