@@ -1,0 +1,352 @@
+"""SGLangEngine: an HTTP client of SGLang 0.5.23's native API (generation, scoring, weight updates).
+
+* Requests are cut into chunks of ``chunk_size`` sequences; each chunk is one batch ``/generate``
+  call, sent round-robin to the endpoints, at most ``max_in_flight`` calls at once.
+* The n samples of a prompt are sent as n separate batch entries, each with its own
+  ``sampling_seed`` (``derive_seed``): SGLang hashes (seed, position) per token, so one shared seed
+  would make the n samples identical. Order stays prompt-major.
+* Retries with exponential back-off apply only to idempotent calls: scoring, health, control reads,
+  and generation when a seed makes it reproducible. A 4xx is never retried; its message is
+  included in the EngineError. A malformed answer is an error at once, never empty/zero scores.
+* Behaviour logprobs are raw (temperature-1) only if the server runs with
+  ``SGLANG_RETURN_ORIGINAL_LOGPROB=1`` (sglang_launcher sets it); input (scoring) logprobs are
+  always raw. No temperature is applied to scores here.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+from mopd.config import SamplingConfig, SGLangConfig
+from mopd.errors import EngineError
+from mopd.rollout import sglang_format as fmt
+from mopd.rollout.engine import Engine, Health, ScoreRequest
+from mopd.rollout.scoring import derive_seed
+from mopd.types import Prompt, Rollout, TeacherScores
+
+
+@dataclass(frozen=True, kw_only=True)
+class WeightSyncOptions:
+    """How update_weights reaches the servers (``SGLangConfig.weight_sync`` picks the mode)."""
+
+    master_address: str = ""
+    """Address the servers use to reach this process for the NCCL group ("" = this host's name)."""
+    master_port: int = 0
+    """0 picks a free port."""
+    backend: str = "nccl"
+    """The servers' group backend; "gloo" only for CPU tests."""
+    group_name: str = "mopd_weight_sync"
+    bucket_bytes: int = 512 << 20
+    """Tensors per update_weights_from_distributed call, by total size."""
+    timeout_s: float = 600.0
+    """Bound on a broadcast the servers never join (e.g. a refused update call)."""
+    disk_dir: str | None = None
+    """weight_sync=disk: where each version is written as safetensors."""
+    base_model_path: str | None = None
+    """weight_sync=disk: config/tokenizer files copied next to the weights."""
+
+
+class SGLangEngine(Engine):
+    """One model served by one or more SGLang servers (or an sglang_router in front of them)."""
+
+    def __init__(
+        self,
+        config: SGLangConfig,
+        *,
+        name: str = "sglang",
+        endpoints: Sequence[str] | None = None,
+        worker_urls: Sequence[str] | None = None,
+        chunk_size: int = 16,
+        backoff_s: float = 0.5,
+        health_timeout_s: float = 20.0,
+        sync: WeightSyncOptions | None = None,
+    ) -> None:
+        self.name = name
+        self.config = config
+        self.endpoints = [u.rstrip("/") for u in (endpoints or config.endpoints)]
+        if not self.endpoints:
+            raise EngineError(f"engine {name!r}: no SGLang endpoint (set rollout.sglang.endpoints or launch=true)")
+        self.worker_urls = [u.rstrip("/") for u in (worker_urls or self.endpoints)]
+        self.chunk_size = chunk_size
+        self.backoff_s = backoff_s
+        self.health_timeout_s = health_timeout_s
+        self.sync = sync or WeightSyncOptions()
+        self.weight_version = 0
+        # trust_env=False: cluster HTTP proxies must not sit between trainer and servers.
+        self._http = httpx.Client(limits=httpx.Limits(max_connections=config.max_in_flight), trust_env=False)
+        self._pool = ThreadPoolExecutor(max_workers=config.max_in_flight, thread_name_prefix=f"sglang-{name}")
+        self._group = None
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ HTTP
+
+    def _call(self, method: str, url: str, payload: Any = None, *, idempotent: bool, timeout: float | None = None,
+              expect_json: bool = True) -> Any:
+        """One HTTP call with bounded retries for idempotent requests; EngineError names the URL."""
+        timeout = timeout or self.config.request_timeout_s
+        attempts = 1 + (self.config.retries if idempotent else 0)
+        problem = ""
+        for attempt in range(attempts):
+            try:
+                resp = self._http.request(method, url, json=payload, timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)))
+            except httpx.TimeoutException:
+                problem = f"no answer within the {timeout:g} s timeout"
+            except httpx.TransportError as exc:
+                problem = f"unreachable or connection dropped ({type(exc).__name__}: {exc})"
+            else:
+                if resp.status_code < 400:
+                    return _decode(resp, url) if expect_json else resp.text
+                message = _server_message(resp)
+                if resp.status_code < 500 and resp.status_code != 429:
+                    raise EngineError(f"engine {self.name!r}: {url} refused the request: HTTP {resp.status_code}: {message}")
+                problem = f"HTTP {resp.status_code}: {message}"
+            if attempt + 1 < attempts:
+                time.sleep(self.backoff_s * 2**attempt)
+        raise EngineError(f"engine {self.name!r}: {url}: {problem} (after {attempts} attempt(s))")
+
+    def _map_chunks(self, items: Sequence[Any], work: Callable[[str, int, int], list[Any]]) -> list[Any]:
+        """Run ``work(endpoint, lo, hi)`` over chunks of ``items`` concurrently; results in input order."""
+        futures: list[Future] = []
+        for c, lo in enumerate(range(0, len(items), self.chunk_size)):
+            url = self.endpoints[c % len(self.endpoints)]
+            futures.append(self._pool.submit(work, url, lo, min(lo + self.chunk_size, len(items))))
+        out: list[Any] = []
+        for f in futures:
+            out += f.result()
+        return out
+
+    # ------------------------------------------------------------------ generation and scoring
+
+    def generate(self, prompts: Sequence[Prompt], sampling: SamplingConfig) -> list[Rollout]:
+        """``sampling.n`` rollouts per prompt, prompt-major (see the module docstring for seeds)."""
+        expanded = [p for p in prompts for _ in range(sampling.n)]
+        seeds = [None if sampling.seed is None else derive_seed(sampling.seed, p.index, s) for p in prompts for s in range(sampling.n)]
+
+        def work(url: str, lo: int, hi: int) -> list[Rollout]:
+            body = self._call("POST", f"{url}/generate", fmt.generate_payload(expanded[lo:hi], sampling, seeds[lo:hi]),
+                              idempotent=sampling.seed is not None)
+            items = fmt.as_batch(body, hi - lo, f"engine {self.name!r}: {url}/generate")
+            return [self._rollout(item, expanded[lo + i], sampling, f"{url}/generate (sequence {lo + i})")
+                    for i, item in enumerate(items)]
+
+        return self._map_chunks(expanded, work)
+
+    def _rollout(self, item: dict, prompt: Prompt, sampling: SamplingConfig, where: str) -> Rollout:
+        r = fmt.parse_rollout(item, prompt, f"engine {self.name!r}: {where}", self.weight_version)
+        t = r.response_ids.numel()
+        if t > sampling.max_new_tokens or (r.finish == "length" and t != sampling.max_new_tokens) or (r.finish == "stop" and t == 0):
+            raise fmt.ResponseError(
+                f"engine {self.name!r}: {where}: {t} tokens with finish={r.finish!r} for max_new_tokens={sampling.max_new_tokens}"
+            )
+        return r
+
+    def score(self, requests: Sequence[ScoreRequest], top_k: int) -> list[TeacherScores]:
+        """Prefill-only scoring (``max_new_tokens: 0``, ``logprob_start_len = response_start - 1``)."""
+        if top_k < 1:
+            raise EngineError(f"engine {self.name!r}: top_k must be >= 1, got {top_k}")
+        for i, r in enumerate(requests):
+            _check_request(r, i, self.name)
+
+        def work(url: str, lo: int, hi: int) -> list[TeacherScores]:
+            body = self._call("POST", f"{url}/generate", fmt.score_payload(requests[lo:hi], top_k), idempotent=True)
+            items = fmt.as_batch(body, hi - lo, f"engine {self.name!r}: {url}/generate")
+            return [fmt.parse_scores(item, requests[lo + i], top_k, self.name,
+                                     f"engine {self.name!r}: {url}/generate (score request {lo + i})")
+                    for i, item in enumerate(items)]
+
+        return self._map_chunks(requests, work)
+
+    # ------------------------------------------------------------------ weight updates
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Stream HF-named tensors into every worker (NCCL group or disk) between pause and continue."""
+        with self._lock:
+            if self.config.weight_sync == "disk":
+                self._update_from_disk(named_tensors, version)
+            else:
+                self._update_from_distributed(named_tensors, version)
+            self.weight_version = int(version)
+
+    def _control(self, path: str, payload: Any = None, *, idempotent: bool = True, urls: Sequence[str] | None = None,
+                 expect_json: bool = True) -> list[Any]:
+        """POST ``path`` to every worker concurrently; the first failure raises."""
+        futures = [self._pool.submit(self._call, "POST", f"{u}{path}", {} if payload is None else payload,
+                                     idempotent=idempotent, expect_json=expect_json) for u in urls or self.worker_urls]
+        return [f.result() for f in futures]
+
+    @contextmanager
+    def _paused(self) -> Iterator[None]:
+        """pause_generation (retract: running requests go back to the queue and resume later) ... continue."""
+        self._control("/pause_generation", {"mode": "retract"})
+        try:
+            self._control("/flush_cache", expect_json=False)
+            yield
+        finally:
+            self._control("/continue_generation", {})
+
+    def _update_from_distributed(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        from mopd.rollout.weight_group import broadcast_tensors
+
+        group = self._ensure_group()
+        device = torch.device("cuda", torch.cuda.current_device()) if self.sync.backend == "nccl" else torch.device("cpu")
+        with self._paused():
+            self._control("/begin_weight_update", {}, idempotent=False)
+            for bucket in _buckets(named_tensors, self.sync.bucket_bytes):
+                body = {
+                    "names": [n for n, _ in bucket],
+                    "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in bucket],
+                    "shapes": [list(t.shape) for _, t in bucket],
+                    "group_name": self.sync.group_name,
+                    "flush_cache": False,
+                    "abort_all_requests": False,
+                    "weight_version": str(version),
+                }
+                pending = [self._pool.submit(self._call, "POST", f"{u}/update_weights_from_distributed", body, idempotent=False)
+                           for u in self.worker_urls]
+                broadcast_tensors([t for _, t in bucket], group, device)
+                for f in pending:
+                    f.result()
+            self._control("/end_weight_update", {}, idempotent=False)
+            self._control("/flush_cache", expect_json=False)
+
+    def _ensure_group(self):
+        """Create the NCCL group once: servers join as ranks 1.., this process as rank 0."""
+        if self._group is not None:
+            return self._group
+        from mopd.rollout.weight_group import init_custom_process_group
+
+        address = self.sync.master_address or socket.gethostname()
+        port = self.sync.master_port or _free_port()
+        world = 1 + self.config.tp * len(self.worker_urls)
+        pending = [
+            self._pool.submit(self._call, "POST", f"{u}/init_weights_update_group", {
+                "master_address": address, "master_port": port, "rank_offset": 1 + i * self.config.tp,
+                "world_size": world, "group_name": self.sync.group_name, "backend": self.sync.backend,
+            }, idempotent=False)
+            for i, u in enumerate(self.worker_urls)
+        ]
+        self._group = init_custom_process_group(
+            backend=self.sync.backend, init_method=f"tcp://{address}:{port}", world_size=world, rank=0,
+            group_name=self.sync.group_name, timeout=timedelta(seconds=self.sync.timeout_s),
+        )
+        for f in pending:
+            f.result()
+        return self._group
+
+    def _update_from_disk(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        from safetensors.torch import save_file
+
+        if not self.sync.disk_dir:
+            raise EngineError(f"engine {self.name!r}: weight_sync=disk needs WeightSyncOptions.disk_dir")
+        target = Path(self.sync.disk_dir) / f"v{version}"
+        target.mkdir(parents=True, exist_ok=True)
+        if self.sync.base_model_path:
+            for f in Path(self.sync.base_model_path).iterdir():
+                if f.is_file() and not f.name.endswith((".safetensors", ".bin", ".index.json")):
+                    shutil.copy2(f, target / f.name)
+        tensors = {n: t.detach().cpu().contiguous() for n, t in named_tensors}
+        save_file(tensors, str(target / "model.safetensors"))
+        with self._paused():
+            self._control("/update_weights_from_disk", {
+                "model_path": str(target), "weight_version": str(version), "flush_cache": True, "abort_all_requests": False,
+            }, idempotent=False)
+
+    # ------------------------------------------------------------------ health
+
+    def health(self) -> Health:
+        """/health on every worker, and the weight version each reports in /model_info."""
+        details, versions, ok = [], [], True
+        for u in self.worker_urls:
+            try:
+                self._call("GET", f"{u}/health", idempotent=True, timeout=self.health_timeout_s, expect_json=False)
+                info = self._model_info(u)
+                versions.append(fmt.parse_version(info.get("weight_version"), self.weight_version))
+                details.append(f"{u}: ok ({info.get('model_path', '?')}, weight_version {info.get('weight_version')})")
+            except EngineError as exc:
+                ok = False
+                details.append(str(exc))
+        return Health(ok=ok, detail="; ".join(details), weight_version=min(versions) if versions else self.weight_version)
+
+    def _model_info(self, url: str) -> dict:
+        try:
+            info = self._call("GET", f"{url}/model_info", idempotent=True, timeout=self.health_timeout_s)
+        except EngineError as exc:
+            if "HTTP 404" not in str(exc):
+                raise
+            info = self._call("GET", f"{url}/get_model_info", idempotent=True, timeout=self.health_timeout_s)
+        if not isinstance(info, dict):
+            raise fmt.ResponseError(f"engine {self.name!r}: {url}/model_info answered {type(info).__name__}, not an object")
+        return info
+
+    def close(self) -> None:
+        """Stop the thread pool, close connections and leave the weight-update group. Idempotent."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._http.close()
+        if self._group is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group(self._group)
+            self._group = None
+
+
+def _decode(resp: httpx.Response, url: str) -> Any:
+    try:
+        return resp.json()
+    except ValueError as exc:
+        raise fmt.ResponseError(f"{url} answered malformed JSON ({exc}): {resp.text[:200]!r}") from None
+
+
+def _server_message(resp: httpx.Response) -> str:
+    """SGLang's error text: ``{"error": {"message": ...}}``, ``{"error": "..."}``, ``{"message": ...}`` or plain text."""
+    try:
+        body = resp.json()
+    except ValueError:
+        return resp.text[:500]
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict):
+            return str(err.get("message", err))
+        return str(err)
+    return str(body)[:500]
+
+
+def _check_request(r: ScoreRequest, index: int, engine: str) -> None:
+    length = int(r.ids.shape[0])
+    if not 1 <= r.response_start <= length:
+        raise EngineError(f"engine {engine!r}: score request {index} has response_start={r.response_start}, "
+                          f"which must be in [1, {length}]")
+    if r.sampled_ids is not None and not torch.equal(r.sampled_ids.long().cpu(), r.ids[r.response_start :].long().cpu()):
+        raise EngineError(f"engine {engine!r}: score request {index}: SGLang scores the tokens of ids, so sampled_ids "
+                          "must equal ids[response_start:]")
+
+
+def _buckets(named: Iterable[tuple[str, torch.Tensor]], limit: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    bucket, size = [], 0
+    for name, t in named:
+        if bucket and size + t.numel() * t.element_size() > limit:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, t))
+        size += t.numel() * t.element_size()
+    if bucket:
+        yield bucket
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
