@@ -7,5 +7,6 @@
 - ``verifiers``: ``verifier(response, reference) -> 1.0 | 0.0`` by name;
 - ``records``: validation of JSONL lines / dataset rows and the bad-record report;
 - ``sources``: ``build_source(DataConfig, tokenizer, ...) -> PromptSource`` (synthetic, JSONL, HF datasets);
-- ``sampler``: ``PromptSampler(source, batch_size, seed)``, deterministic and resumable.
+- ``sampler``: ``PromptSampler(source, batch_size, seed)``, deterministic and resumable;
+- ``calibrate``: ``python -m mopd.data.calibrate DOMAIN...``, how fast a tiny Llama learns a domain.
 """
