@@ -2,6 +2,7 @@
 
     python tools/convert_hf.py import --hf-dir HF --megatron-dir OUT [--tp N] [--pp N] [--backend bridge]
     python tools/convert_hf.py export --megatron-dir IN --hf-dir OUT [--model-config YAML] [--dtype bf16]
+                                      [--assets-from HF_DIR]
 
 Both write to a hidden sibling folder and rename it at the end; an existing OUT is never touched.
 """
@@ -33,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--model-config", type=Path, default=None,
                      help="YAML with student.model (default: MEGATRON_DIR/mopd_model.yaml)")
     exp.add_argument("--dtype", choices=_DTYPES, default=None, help="output dtype (default: the checkpoint's)")
+    exp.add_argument("--assets-from", type=Path, default=None,
+                     help="HF folder to take tokenizer files and config extras from (for training checkpoints)")
     exp.add_argument("--max-shard-gb", type=float, default=5.0)
     exp.add_argument("--backend", choices=("builtin", "bridge"), default="builtin")
     exp.add_argument("--hf-reference", default=None,
@@ -78,7 +81,7 @@ def _export(args: argparse.Namespace) -> None:
 
     cfg = read_model_yaml(args.model_config) if args.model_config else None
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
-    export_hf(args.megatron_dir, args.hf_dir, model_cfg=cfg, dtype=dtype,
+    export_hf(args.megatron_dir, args.hf_dir, model_cfg=cfg, dtype=dtype, assets_from=args.assets_from,
               max_shard_bytes=int(args.max_shard_gb * 2**30))
     print(f"exported {args.megatron_dir} to {args.hf_dir}")
 

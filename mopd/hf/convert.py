@@ -69,18 +69,22 @@ def import_hf(hf_dir: str | Path, megatron_dir: str | Path, *, tp: int = 1, pp: 
 
 
 def export_hf(megatron_dir: str | Path, hf_dir: str | Path, *, model_cfg: ModelConfig | None = None,
-              dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30) -> None:
+              dtype: torch.dtype | None = None, assets_from: str | Path | None = None,
+              max_shard_bytes: int = 5 * 2**30) -> None:
     """Megatron dist_checkpointing checkpoint -> HF folder loadable by AutoModelForCausalLM.
 
     `model_cfg` defaults to the checkpoint's `mopd_model.yaml`; `dtype` to the dtype the checkpoint
-    holds. Writes safetensors shards (+ index when more than one), config.json,
-    generation_config.json and every tokenizer file found next to the checkpoint.
+    holds. Tokenizer / generation files and the extra config.json fields (token ids ...) come from
+    next to the checkpoint (what import put there) or, for a training checkpoint, from the HF folder
+    `assets_from`. Writes safetensors shards (+ index when more than one), config.json and
+    generation_config.json.
     """
     src, out = Path(megatron_dir), Path(hf_dir)
     if not (src / "metadata.json").is_file():
         raise CheckpointError(f"{src} is not a Megatron dist_checkpointing checkpoint (no metadata.json)")
     cfg = model_cfg or read_model_yaml(src / MODEL_YAML)
-    old_config = _read_json(src / HF_CONFIG_COPY)
+    assets = Path(assets_from) if assets_from is not None else src
+    old_config = _read_json(assets / HF_CONFIG_COPY) or _read_json(assets / "config.json")
     with _atomic_dir(out) as tmp, single_process_megatron():
         dtype = dtype or _checkpoint_dtype(src)
         specs = [TensorSpec(name, shape, dtype) for name, shape in mapping.expected_hf_shapes(cfg).items()]
@@ -88,7 +92,7 @@ def export_hf(megatron_dir: str | Path, hf_dir: str | Path, *, model_cfg: ModelC
         for name, tensor in mapping.megatron_to_hf(_load_groups(src, cfg, dtype), cfg):
             writer.write(name, tensor.to(dtype))
         writer.close()
-        _copy_assets(src, tmp)
+        _copy_assets(assets, tmp)
         dtype_name = next(k for k, v in _DTYPES.items() if v == dtype)
         config = families.hf_config_from_model(cfg, dtype=dtype_name, extra=old_config)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
