@@ -29,9 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_args(plan)
     plan.add_argument("--world-size", type=int, required=True, help="total trainer ranks (GPUs)")
 
-    evaluate = sub.add_parser("eval", help="evaluate a checkpoint on the config's eval domains")
+    evaluate = sub.add_parser("eval", help="evaluate an HF folder on the config's eval prompts, per domain")
     _add_config_args(evaluate)
-    evaluate.add_argument("--checkpoint", help="checkpoint dir (default: the run's latest)")
+    evaluate.add_argument("--hf-dir", required=True, help="HF model folder (a stage's hf/ or an export)")
 
     convert = sub.add_parser("convert", help="HF <-> Megatron checkpoints (same as tools/convert_hf.py)")
     convert.add_argument("args", nargs=argparse.REMAINDER, help="arguments of tools/convert_hf.py")
@@ -48,26 +48,18 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    try:
-        from mopd.pipeline import run_pipeline
-    except ImportError:
-        print("mopd run: the stage pipeline (mopd/pipeline.py) is not built yet; see issue 6", file=sys.stderr)
-        return 2
     from mopd.config import load_config
+    from mopd.pipeline import run_pipeline
 
     run_pipeline(load_config(args.config, args.overrides), resume=args.resume)
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    try:
-        from mopd.pipeline import run_eval
-    except ImportError:
-        print("mopd eval: evaluation of checkpoints (mopd/pipeline.py) is not built yet; see issue 6", file=sys.stderr)
-        return 2
     from mopd.config import load_config
+    from mopd.pipeline import evaluate_checkpoint
 
-    run_eval(load_config(args.config, args.overrides), checkpoint=args.checkpoint)
+    evaluate_checkpoint(load_config(args.config, args.overrides), args.hf_dir)
     return 0
 
 

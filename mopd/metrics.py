@@ -61,7 +61,7 @@ class WandbSink:
 
         self._run = wandb.init(
             project=config.wandb_project, name=run_name, dir=str(run_dir), mode=config.wandb_mode.value,
-            config=run_config, reinit=True,
+            config=run_config, reinit="create_new", settings=wandb.Settings(silent=True, console="off"),
         )
 
     def write(self, step: int, values: Mapping[str, float]) -> None:
@@ -75,6 +75,7 @@ class Metrics:
     def __init__(self, sinks: list[Sink] | None = None):
         self._sinks = sinks or []
         self.timings: dict[str, float] = {}
+        self.warnings: list[str] = []
 
     @classmethod
     def for_run(cls, config: LoggingConfig, run_name: str, run_dir: Path, *, is_logger: bool,
@@ -94,6 +95,12 @@ class Metrics:
             yield
         finally:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+    def warn(self, message: str) -> None:
+        """A diagnostic alarm: printed now, kept for the run summary."""
+        self.warnings.append(message)
+        if self._sinks:
+            print(f"WARNING {message}", flush=True)
 
     def log(self, step: int, values: Mapping[str, float]) -> None:
         merged = {**values, **{f"timing/{k}": v for k, v in self.timings.items()}}

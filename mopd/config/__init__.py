@@ -16,7 +16,7 @@ from mopd.config.distill import (
     TeacherKind,
     TokenRule,
 )
-from mopd.config.loader import build_config, load_config, to_yaml
+from mopd.config.loader import build_config, load_config, to_yaml, with_overrides
 from mopd.config.model import (
     Backend,
     Dtype,

@@ -48,6 +48,13 @@ def build_config(schema: type, *layers: Any) -> Any:
     return config
 
 
+def with_overrides(config: Any, overrides: list[str] | tuple[str, ...]) -> Any:
+    """A copy of a built config with dotted overrides applied and validated again."""
+    if not overrides:
+        return config
+    return build_config(type(config), OmegaConf.structured(config), _parse_overrides(overrides))
+
+
 def to_yaml(config: Any) -> str:
     """The config as YAML (what a run records next to its outputs)."""
     return OmegaConf.to_yaml(OmegaConf.structured(config))

@@ -1,0 +1,179 @@
+"""Pieces shared by the training stages: start, train on a packed batch, checkpoint, evaluate, finish."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from mopd.config import RunConfig, StageConfig
+from mopd.data.sampler import PromptSampler
+from mopd.data.sources import build_source
+from mopd.metrics import Metrics
+from mopd.rollout.embedded import EmbeddedEngine
+from mopd.stages.batches import my_share
+from mopd.stages.context import RunContext, StageOutput, barrier, broadcast
+from mopd.stages.evaluate import as_dict, evaluate_engine
+from mopd.stages.student import Student, hf_model
+from mopd.student import StepResult, train_step
+from mopd.teachers import build_train_batches
+from mopd.types import LossFn, Rollout, Routing, TeacherScores
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StageRun:
+    """The mutable state of one training stage: step counter, budgets, history, progress."""
+
+    ctx: RunContext
+    stage: StageConfig
+    config: RunConfig
+    student: Student
+    sampler: PromptSampler
+    metrics: Metrics
+    total_steps: int = 0
+    step: int = 0
+    teacher_tokens: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+    progress: tqdm | None = None
+
+    @property
+    def dir(self) -> Path:
+        return self.ctx.stage_dir(self.stage)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.dir / "checkpoints"
+
+
+def start_stage(ctx: RunContext, stage: StageConfig, config: RunConfig, prompts_per_step: int,
+                total_steps: int) -> StageRun:
+    """Build the student (from ``init_from`` or random), the prompt sampler and the metrics.
+
+    Call ``resume_stage`` after building anything that needs the student's initial weights.
+    """
+    student = Student.build(config.student, ctx.layout, init_weights(ctx, stage))
+    source = build_source(config.data, ctx.tokenizer, seed=config.seed)
+    sampler = PromptSampler(list(source), batch_size=prompts_per_step, seed=config.seed)
+    stage_dir = ctx.stage_dir(stage)
+    metrics = Metrics.for_run(config.logging, f"{config.name}/{stage.name}", stage_dir, is_logger=ctx.is_logger)
+    run = StageRun(ctx, stage, config, student, sampler, metrics, total_steps=total_steps)
+    return run
+
+
+def resume_stage(run: StageRun) -> dict:
+    """With ``--resume``, load the stage's latest checkpoint; returns its extra state ({} if none)."""
+    state = run.student.resume(run.checkpoints) if run.ctx.resume else None
+    if state is not None:
+        run.step, run.teacher_tokens = int(state["step"]), int(state["teacher_tokens"])
+        run.history = list(state["history"])
+        run.sampler.load_state_dict(state["sampler"])
+        if run.ctx.is_logger:
+            print(f"[{run.stage.name}] resumed at step {run.step} from {run.checkpoints}", flush=True)
+    if run.ctx.is_logger and run.config.logging.progress_bar:
+        run.progress = tqdm(total=run.total_steps, initial=run.step, desc=run.stage.name, unit="step",
+                            dynamic_ncols=True)
+    return state or {}
+
+
+def init_weights(ctx: RunContext, stage: StageConfig) -> Path | None:
+    if stage.init_from is None:
+        return None
+    if stage.init_from in ctx.outputs:
+        return ctx.stage_dir_of(stage.init_from) / "weights"
+    return Path(stage.init_from)
+
+
+def train_on(run: StageRun, rollouts: list[Rollout] | None, routing: Routing | None,
+             scores: TeacherScores | None, loss_fn: LossFn, teacher_names: tuple[str, ...],
+             rewards=None) -> StepResult:
+    """Pack rank 0's scored rollouts, share them out, and take one optimizer step on every rank."""
+    cfg = run.config.student
+    batches = None
+    if run.ctx.is_logger:
+        batches = build_train_batches(rollouts, scores, routing, cfg.train.micro_batch_size,
+                                      run.ctx.tokenizer.pad_token_id, rewards=rewards)
+    with run.metrics.span("train"):
+        result = train_step(run.student.chunks, run.student.optimizer, run.student.scheduler,
+                            my_share(batches, run.ctx.layout), loss_fn, run.ctx.layout, step=run.step,
+                            teacher_names=teacher_names)
+    run.step += 1
+    run.teacher_tokens += result.num_tokens
+    return result
+
+
+def log_step(run: StageRun, result: StepResult, extra: dict[str, float]) -> None:
+    values = {"train/loss": result.loss, "train/grad_norm": result.grad_norm, "train/lr": result.lr,
+              "train/tokens": float(result.num_tokens), "train/tokens_per_s": result.tokens_per_s, **extra}
+    if run.step % run.config.logging.log_every == 0 or run.step == 1:
+        run.metrics.log(run.step, values)
+    run.history.append({"step": float(run.step), **{k: float(v) for k, v in values.items()}})
+    if run.progress is not None:
+        run.progress.update(1)
+        run.progress.set_postfix(loss=f"{result.loss:.3f}", tok_s=f"{result.tokens_per_s:.0f}")
+
+
+def maybe_checkpoint(run: StageRun, extra: dict | None = None, force: bool = False) -> None:
+    every = run.config.checkpoint.save_every
+    if not force and (every <= 0 or run.step % every):
+        return
+    state = {"teacher_tokens": run.teacher_tokens, "history": run.history, "sampler": run.sampler.state_dict(),
+             **(extra or {})}
+    run.student.save(run.checkpoints, run.step, state, run.config.checkpoint.keep_last)
+
+
+def maybe_evaluate(run: StageRun, engine: EmbeddedEngine | None, force: bool = False) -> dict | None:
+    """Evaluate the engine (rank 0) every ``eval.every_steps`` steps; returns the eval metrics."""
+    every = run.config.eval.every_steps
+    if not force and (every <= 0 or run.step % every):
+        return None
+    result = None
+    if run.ctx.is_logger:
+        with run.metrics.span("eval"):
+            result = evaluate_engine(engine, run.config, run.ctx.tokenizer)
+        run.metrics.log(run.step, result.metrics())
+        run.history.append({"step": float(run.step), **result.metrics()})
+    return broadcast(as_dict(result) if result is not None else None)
+
+
+def finish_stage(run: StageRun) -> StageOutput:
+    """Save final weights (Megatron + HF), evaluate them, and record the stage's output."""
+    if run.progress is not None:
+        run.progress.close()
+    run.student.save_weights(run.dir / "weights")
+    hf_dir = run.student.export_hf(run.dir / "hf", run.ctx.tokenizer)
+    evaluation = {}
+    if run.stage.evaluate:
+        evaluation = evaluate_hf_dir(run.ctx, run.config, hf_dir)
+    run.metrics.close()
+    barrier()
+    return StageOutput(name=run.stage.name, kind=run.stage.kind.value, role=run.stage.role.value,
+                       hf_dir=str(hf_dir), wall_s=time.perf_counter() - run.started,
+                       teacher_tokens=run.teacher_tokens, eval=evaluation, history=run.history,
+                       warnings=list(run.metrics.warnings))
+
+
+def evaluate_hf_dir(ctx: RunContext, config: RunConfig, hf_dir: Path) -> dict:
+    result = None
+    if ctx.is_logger:
+        engine = EmbeddedEngine.from_pretrained(hf_dir, name="eval")
+        result = as_dict(evaluate_engine(engine, config, ctx.tokenizer))
+    return broadcast(result)
+
+
+def rollout_engine(run: StageRun) -> EmbeddedEngine | None:
+    """The embedded rollout engine on rank 0, holding the student's current weights (version = step)."""
+    model = hf_model(run.config.student.model, run.ctx.tokenizer) if run.ctx.is_logger else None
+    run.student.push_to(model)
+    if model is None:
+        return None
+    tok = run.ctx.tokenizer
+    engine = EmbeddedEngine(model, eos_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id,
+                            name="rollout", tokenizer=tok)
+    engine.weight_version = run.step
+    return engine

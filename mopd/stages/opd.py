@@ -1,0 +1,132 @@
+"""The opd stage: on-policy distillation from routed teachers (DESIGN.md §1).
+
+Each step: sample prompts -> the student's engine generates -> the router assigns teachers ->
+teachers score the student's tokens (top-K) -> the Megatron student trains on them -> its weights
+are synced into the engine (and into EMA self-teachers). Rank 0 holds the engines; every rank trains.
+
+With ``rollout.max_staleness >= 1`` generation of step n+1 overlaps training of step n (one thread),
+so those rollouts come from weights one version old; turn on the objectives' ``importance_ratio`` to
+correct for it. Off (0) by default: fully on-policy.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from mopd.config import RunConfig, StageConfig
+from mopd.data.synthetic import domain_verifier
+from mopd.diagnostics import Alarm, rollout_diagnostics
+from mopd.errors import ConfigError
+from mopd.stages.batches import loss_fn_for
+from mopd.stages.common import (
+    StageRun,
+    finish_stage,
+    log_step,
+    maybe_checkpoint,
+    maybe_evaluate,
+    resume_stage,
+    rollout_engine,
+    start_stage,
+    train_on,
+)
+from mopd.data.sampler import PromptSampler
+from mopd.stages.context import RunContext, StageOutput
+from mopd.stages.teachers import TeacherSet, build_teacher_set
+from mopd.teachers import score_batch
+
+
+def run_opd(ctx: RunContext, stage: StageConfig, config: RunConfig) -> StageOutput:
+    sampling, train = config.rollout.sampling, config.student.train
+    if train.global_batch_size % sampling.n:
+        raise ConfigError(f"student.train.global_batch_size={train.global_batch_size} must be a multiple of "
+                          f"rollout.sampling.n={sampling.n}")
+    run = start_stage(ctx, stage, config, train.global_batch_size // sampling.n, train.steps)
+    teachers = build_teacher_set(ctx, run, config)  # before resuming: self-teachers keep the initial weights
+    teachers.restore(resume_stage(run), version=run.step)
+    engine = rollout_engine(run)
+    loss_fn = loss_fn_for(config.student, ctx.layout, teachers.objectives, teachers.names, teachers.coefs)
+    alarm, prefetch = Alarm(config.diagnostics), Prefetch(config.rollout.max_staleness)
+    while run.step < train.steps:
+        rollouts = routing = scores = rewards = None
+        prompts = next(run.sampler)  # every rank advances the sampler: checkpoints record its position
+        if ctx.is_logger:
+            with run.metrics.span("generate"):
+                rollouts = prefetch.take(lambda: engine.generate(prompts, sampling))
+            with run.metrics.span("score"):
+                routing, scores = score_batch(rollouts, teachers.teachers, teachers.router)
+            rewards = verify(rollouts, ctx.tokenizer)
+            if run.step + 1 < train.steps:
+                upcoming = peek(run.sampler)
+                prefetch.start(lambda: engine.generate(upcoming, sampling))
+        result = train_on(run, rollouts, routing, scores, loss_fn, teachers.names, rewards)
+        prefetch.wait()  # the engine's weights change below; no generation may be in flight
+        with run.metrics.span("sync"):
+            teachers.sync(run.student, engine, version=run.step)
+        log_step(run, result, step_diagnostics(run, rollouts, routing, scores, rewards, teachers, alarm))
+        maybe_checkpoint(run, extra=teachers.state())
+        maybe_evaluate(run, engine)
+    prefetch.close()
+    maybe_checkpoint(run, extra=teachers.state(), force=True)
+    return finish_stage(run)
+
+
+def peek(sampler: PromptSampler):
+    """The next batch without advancing the sampler."""
+    state = sampler.state_dict()
+    upcoming = next(sampler)
+    sampler.load_state_dict(state)
+    return upcoming
+
+
+def verify(rollouts, tokenizer) -> torch.Tensor:
+    """Verifier reward per rollout (1.0 / 0.0; 0 without a reference)."""
+    rewards = []
+    for r in rollouts:
+        text = tokenizer.decode(r.response_ids.tolist(), skip_special_tokens=True)
+        rewards.append(domain_verifier(r.domain)(text, r.reference) if r.reference is not None else 0.0)
+    return torch.tensor(rewards, dtype=torch.float32)
+
+
+def step_diagnostics(run: StageRun, rollouts, routing, scores, rewards, teachers: TeacherSet,
+                     alarm: Alarm) -> dict[str, float]:
+    if not run.ctx.is_logger:
+        return {}
+    texts = [run.ctx.tokenizer.decode(r.response_ids.tolist(), skip_special_tokens=True) for r in rollouts]
+    values = rollout_diagnostics(rollouts, texts, routing, scores, run.config.diagnostics)
+    values["rollout/reward"] = float(rewards.mean())
+    values["rollout/weight_version"] = float(min(r.weight_version for r in rollouts))
+    values.update(teachers.route_metrics())
+    for message in alarm.update(run.step, values):
+        run.metrics.warn(message)
+    return values
+
+
+class Prefetch:
+    """Generation of the next step's rollouts in a background thread (``max_staleness >= 1``)."""
+
+    def __init__(self, max_staleness: int):
+        self.enabled = max_staleness >= 1
+        self.pool = ThreadPoolExecutor(max_workers=1) if self.enabled else None
+        self.pending: Future | None = None
+
+    def start(self, job) -> None:
+        if self.enabled:
+            self.pending = self.pool.submit(job)
+
+    def take(self, job):
+        """The prefetched rollouts if there are any, else generate now."""
+        if self.pending is None:
+            return job()
+        result, self.pending = self.pending.result(), None
+        return result
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            self.pending.exception()  # block until done; errors surface in take()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+

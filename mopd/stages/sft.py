@@ -1,0 +1,82 @@
+"""The sft stage: cross-entropy on reference answers (experts, the weak base), or on responses that
+teacher stages generate (the sequence-level distillation baseline, with a token budget)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from mopd.config import RunConfig, StageConfig
+from mopd.rollout.embedded import EmbeddedEngine
+from mopd.stages.batches import REFERENCE, one_hot_scores, reference_rollout, sft_loss_fn
+from mopd.stages.common import (
+    finish_stage,
+    log_step,
+    maybe_checkpoint,
+    maybe_evaluate,
+    resume_stage,
+    start_stage,
+    train_on,
+)
+from mopd.stages.context import RunContext, StageOutput, broadcast
+from mopd.types import Prompt, Rollout
+
+
+def run_sft(ctx: RunContext, stage: StageConfig, config: RunConfig) -> StageOutput:
+    train = config.student.train
+    budget = ctx.outputs[stage.token_budget_from].teacher_tokens if stage.token_budget_from else None
+    run = start_stage(ctx, stage, config, prompts_per_step=train.global_batch_size, total_steps=train.steps)
+    resume_stage(run)
+    loss_fn = sft_loss_fn(config.student, ctx.layout)
+    writers = _teacher_writers(ctx, stage, config) if stage.sources and ctx.is_logger else None
+    while _keep_going(run.step, train.steps, run.teacher_tokens, budget):
+        rollouts = routing = scores = None
+        if ctx.is_logger:
+            prompts = next(run.sampler)
+            with run.metrics.span("generate"):
+                rollouts = _targets(prompts, writers, ctx.tokenizer, config)
+            routing, scores = one_hot_scores(rollouts)
+        else:
+            next(run.sampler)  # every rank keeps the same data position for its checkpoint
+        result = train_on(run, rollouts, routing, scores, loss_fn, (REFERENCE,))
+        log_step(run, result, {})
+        maybe_checkpoint(run)
+        maybe_evaluate(run, None)
+    maybe_checkpoint(run, force=True)
+    return finish_stage(run)
+
+
+def _keep_going(step: int, steps: int, tokens: int, budget: int | None) -> bool:
+    """Steps bound a plain SFT stage; a budgeted baseline trains until it has seen `budget` tokens."""
+    done = tokens >= budget if budget is not None else step >= steps
+    return bool(broadcast(not done))
+
+
+def _targets(prompts: list[Prompt], writers: dict[str, EmbeddedEngine] | None, tokenizer,
+             config: RunConfig) -> list[Rollout]:
+    if writers is None:
+        return [reference_rollout(p, tokenizer, config.rollout.sampling.max_new_tokens) for p in prompts]
+    by_domain: dict[str, list[Prompt]] = {}
+    for p in prompts:
+        by_domain.setdefault(p.domain, []).append(p)
+    out: list[Rollout] = []
+    sampling = replace(config.rollout.sampling, n=1)
+    for domain, group in by_domain.items():
+        out += writers[domain].generate(group, sampling)
+    return out
+
+
+def _teacher_writers(ctx: RunContext, stage: StageConfig, config: RunConfig) -> dict[str, EmbeddedEngine]:
+    """domain -> the engine of the source stage whose teacher entry covers that domain."""
+    from mopd.errors import ConfigError
+
+    writers: dict[str, EmbeddedEngine] = {}
+    for source in stage.sources:
+        covering = [t for t in config.distill.teachers if t.checkpoint == source]
+        if not covering:
+            raise ConfigError(f"stages[{stage.name}].sources: no distill.teachers entry has checkpoint={source!r}, "
+                              "so the domains it writes for are unknown")
+        engine = EmbeddedEngine.from_pretrained(ctx.hf_dir_of(source), name=source)
+        for teacher in covering:
+            for domain in teacher.domains:
+                writers[domain] = engine
+    return writers

@@ -1,0 +1,125 @@
+"""The Megatron student of one stage: model chunks, optimizer, scheduler, and its ways out.
+
+Weights leave the student in two forms: Megatron dist_checkpointing folders (resumable, loadable at
+any TP/PP) and HF-named tensors streamed through ``mopd.hf.megatron_to_hf`` (weight sync into the
+rollout engine, HF folders for teachers and eval). The HF model that receives them is built from the
+same ModelConfig with transformers, so an exported folder is a plain ``from_pretrained`` folder.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mopd.config import ModelConfig, StudentConfig
+from mopd.errors import CheckpointError
+from mopd.hf import hf_config_from_model, megatron_to_hf
+from mopd.parallel import ParallelLayout
+from mopd.stages.context import barrier
+from mopd.student import (
+    build_model,
+    build_optimizer,
+    latest_checkpoint,
+    load_checkpoint,
+    load_model_weights,
+    save_checkpoint,
+    save_model_weights,
+)
+
+
+@dataclass
+class Student:
+    cfg: StudentConfig
+    layout: ParallelLayout
+    chunks: list[torch.nn.Module]
+    optimizer: Any
+    scheduler: Any
+
+    @classmethod
+    def build(cls, cfg: StudentConfig, layout: ParallelLayout, init_weights: Path | None) -> Student:
+        """A fresh student; ``init_weights`` is a Megatron weights folder (any TP/PP) or None for random init."""
+        chunks = build_model(cfg, layout)
+        if init_weights is not None:
+            load_model_weights(init_weights, chunks)  # before the optimizer copies fp32 main weights
+        optimizer, scheduler = build_optimizer(cfg, chunks)
+        return cls(cfg, layout, chunks, optimizer, scheduler)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def save(self, directory: Path, step: int, extra: dict, keep_last: int) -> Path:
+        path = save_checkpoint(directory / f"step_{step:06d}", self.chunks, self.optimizer, self.scheduler,
+                               step=step, extra=extra)
+        if self.layout.rank == 0:
+            _prune(directory, keep_last)
+        barrier()
+        return path
+
+    def resume(self, directory: Path) -> dict | None:
+        """Load the latest complete checkpoint under ``directory``; its ``extra`` plus ``step``, or None."""
+        path = latest_checkpoint(directory)
+        if path is None:
+            return None
+        return load_checkpoint(path, self.chunks, self.optimizer, self.scheduler)
+
+    def save_weights(self, path: Path) -> Path:
+        return save_model_weights(path, self.chunks)
+
+    # -- HF stream -----------------------------------------------------------------------------
+
+    def hf_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """HF-named full tensors; every rank of the model must iterate (TP gathers are collective)."""
+        if self.layout.pp > 1:
+            raise CheckpointError("streaming HF weights to one process needs pipeline_parallel=1 here; "
+                                  "use the weight sync for pipeline-parallel students")
+        return megatron_to_hf(self.chunks, self.cfg.model)
+
+    def push_to(self, model: torch.nn.Module | None) -> None:
+        """Copy the student's weights into an HF model held by global rank 0 (other ranks pass None)."""
+        targets = model.state_dict() if model is not None else None
+        for name, tensor in self.hf_tensors():
+            if targets is not None:
+                targets[name].copy_(tensor.to(targets[name].dtype))
+
+    def export_hf(self, out: Path, tokenizer) -> Path | None:
+        """Write the weights as an HF folder on rank 0 (atomically: temporary folder, then rename)."""
+        model = hf_model(self.cfg.model, tokenizer) if self.layout.rank == 0 else None
+        self.push_to(model)
+        if model is not None:
+            save_hf(model, tokenizer, out)
+        barrier()
+        return out
+
+
+def hf_model(cfg: ModelConfig, tokenizer=None, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A randomly initialised transformers model of the same architecture (weights come by sync)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    extra = {}
+    if tokenizer is not None:
+        extra = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                 if getattr(tokenizer, k, None) is not None}
+    config = hf_config_from_model(cfg, dtype="float32", extra=extra)
+    model_type = config.pop("model_type")
+    hf_config = AutoConfig.for_model(model_type, **config)
+    return AutoModelForCausalLM.from_config(hf_config, dtype=dtype).eval()
+
+
+def save_hf(model: torch.nn.Module, tokenizer, out: Path) -> None:
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+def _prune(directory: Path, keep_last: int) -> None:
+    complete = sorted(p for p in directory.glob("step_*") if p.is_dir())
+    for old in complete[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)

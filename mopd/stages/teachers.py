@@ -1,0 +1,119 @@
+"""The opd stage's teachers: engines built from config, the router, and the weight stream they share.
+
+Engines live on global rank 0: an expert is an earlier stage's (or a path's) HF folder in an
+``EmbeddedEngine``, or an SGLang server; a PI self-teacher without a checkpoint holds the student's
+initial weights (frozen, or as the seed of its EMA). Every rank knows the names, objectives and
+coefficients (the loss needs them); only rank 0 holds teachers and the router.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mopd.config import EngineKind, ObjectiveConfig, RunConfig, TeacherConfig, TeacherKind
+from mopd.errors import ConfigError
+from mopd.rollout.embedded import EmbeddedEngine
+from mopd.rollout.engine import Engine
+from mopd.stages.context import RunContext
+from mopd.stages.student import Student, hf_model
+from mopd.teachers import Router, Teacher, build_teachers
+
+
+@dataclass
+class TeacherSet:
+    names: tuple[str, ...]
+    objectives: dict[int, list[ObjectiveConfig]]
+    coefs: dict[int, float]
+    teachers: list[Teacher] | None = None
+    """Rank 0 only."""
+    router: Router | None = None
+    """Rank 0 only."""
+
+    def sync(self, student: Student, engine: EmbeddedEngine | None, version: int) -> None:
+        """Stream the student's HF-named weights into the rollout engine and into EMA teachers.
+
+        Every rank iterates the stream (its TP gathers are collective); rank 0 consumes it. Memory:
+        one gathered tensor at a time, plus a copy of the model only when an EMA teacher exists.
+        """
+        tracking = [t for t in self.teachers or [] if t.tracks_student]
+        targets = engine.model.state_dict() if engine is not None else None
+        kept: list[tuple[str, torch.Tensor]] = []
+        for name, tensor in student.hf_tensors():
+            if targets is not None:
+                targets[name].copy_(tensor.to(targets[name].dtype))
+            if tracking:
+                kept.append((name, tensor.clone()))
+        if engine is not None:
+            engine.weight_version = version
+        for teacher in tracking:
+            teacher.update_weights(kept, version)
+
+    def state(self) -> dict:
+        """EMA teachers' state for the checkpoint (rank 0's is the one saved)."""
+        return {"ema": {t.name: t.ema_state() for t in self.teachers or [] if t.tracks_student}}
+
+    def restore(self, state: dict, version: int) -> None:
+        for teacher in self.teachers or []:
+            if teacher.tracks_student and teacher.name in state.get("ema", {}):
+                teacher.load_ema_state(state["ema"][teacher.name], version)
+
+    def route_metrics(self) -> dict[str, float]:
+        if self.router is None or self.router.last is None:
+            return {}
+        return self.router.last.metrics()
+
+
+def build_teacher_set(ctx: RunContext, run, config: RunConfig) -> TeacherSet:
+    configs = config.distill.teachers
+    if not configs:
+        raise ConfigError("distill.teachers: an opd stage needs at least one teacher")
+    names = tuple(t.name for t in configs)
+    objectives = {i: list(t.objectives or config.distill.objectives) for i, t in enumerate(configs)}
+    coefs = {i: float(t.coef) for i, t in enumerate(configs)}
+    out = TeacherSet(names, objectives, coefs)
+    # The student's initial weights, for self-teachers without a checkpoint (collective: every rank).
+    needs_initial = any(t.kind == TeacherKind.self_pi and t.checkpoint is None for t in configs)
+    initial = _collect(run.student) if needs_initial else None
+    if not ctx.is_logger:
+        return out
+    engines: dict[str, Engine] = {}
+    tokenizers = {}
+    for t in configs:
+        engines[t.name], tokenizers[t.name] = _engine(ctx, config, t, initial)
+    out.teachers = build_teachers(configs, engines, ctx.tokenizer, tokenizers, initial_weights=initial)
+    out.router = Router(config.distill.router, configs)
+    return out
+
+
+def _collect(student: Student) -> list[tuple[str, torch.Tensor]] | None:
+    kept = [(name, tensor.clone()) for name, tensor in student.hf_tensors()]
+    return kept if student.layout.rank == 0 else None
+
+
+def _engine(ctx: RunContext, config: RunConfig, t: TeacherConfig, initial):
+    """(engine, tokenizer) of one teacher."""
+    if t.engine == EngineKind.sglang:
+        from transformers import AutoTokenizer
+
+        from mopd.rollout.sglang_client import SGLangEngine
+
+        endpoints = [t.endpoint] if t.endpoint else None
+        engine = SGLangEngine(config.rollout.sglang, name=t.name, endpoints=endpoints)
+        tokenizer = AutoTokenizer.from_pretrained(t.checkpoint) if t.checkpoint else ctx.tokenizer
+        return engine, tokenizer
+    if t.checkpoint is not None:
+        engine = EmbeddedEngine.from_pretrained(ctx.hf_dir_of(t.checkpoint), name=t.name)
+        return engine, engine.tokenizer
+    if t.kind != TeacherKind.self_pi:
+        raise ConfigError(f"distill.teachers[{t.name}].checkpoint: an expert teacher needs a checkpoint "
+                          "(an earlier stage's name or an HF folder)")
+    model = hf_model(config.student.model, ctx.tokenizer)
+    targets = model.state_dict()
+    for name, tensor in initial:
+        targets[name].copy_(tensor)
+    tok = ctx.tokenizer
+    engine = EmbeddedEngine(model, eos_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id,
+                            name=t.name, tokenizer=tok)
+    return engine, tok
