@@ -12,6 +12,7 @@ from tqdm import tqdm
 from mopd.config import RunConfig, StageConfig
 from mopd.data.sampler import PromptSampler
 from mopd.data.sources import build_source
+from mopd.data.synthetic import PiMode
 from mopd.metrics import Metrics
 from mopd.rollout.embedded import EmbeddedEngine
 from mopd.stages.batches import my_share
@@ -58,7 +59,7 @@ def start_stage(ctx: RunContext, stage: StageConfig, config: RunConfig, prompts_
     Call ``resume_stage`` after building anything that needs the student's initial weights.
     """
     student = Student.build(config.student, ctx.layout, init_weights(ctx, stage))
-    source = build_source(config.data, ctx.tokenizer, seed=config.seed)
+    source = build_source(config.data, ctx.tokenizer, seed=config.seed, pi_mode=PiMode(config.data.pi_mode))
     sampler = PromptSampler(list(source), batch_size=prompts_per_step, seed=config.seed)
     stage_dir = ctx.stage_dir(stage)
     metrics = Metrics.for_run(config.logging, f"{config.name}/{stage.name}", stage_dir, is_logger=ctx.is_logger)

@@ -10,6 +10,7 @@ from dataclasses import asdict, replace
 
 from mopd.config import RunConfig
 from mopd.data.sources import build_source
+from mopd.data.synthetic import PiMode
 from mopd.eval import EvalResult, EvalSample, evaluate
 from mopd.rollout.engine import Engine
 from mopd.types import Rollout
@@ -17,7 +18,7 @@ from mopd.types import Rollout
 
 def eval_prompts(config: RunConfig, tokenizer):
     data = replace(config.data, num_prompts=config.eval.num_prompts)
-    return list(build_source(data, tokenizer, seed=config.seed, split="eval"))
+    return list(build_source(data, tokenizer, seed=config.seed, split="eval", pi_mode=PiMode(config.data.pi_mode)))
 
 
 def evaluate_engine(engine: Engine, config: RunConfig, tokenizer, prompts=None) -> EvalResult:
