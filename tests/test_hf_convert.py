@@ -216,3 +216,15 @@ def test_bridge_backend_without_megatron_bridge_says_how_to_install(llama_fp32_s
     assert code == 2
     assert "pip install megatron-bridge" in err and "Transformer Engine" in err
     _assert_nothing_written(tmp_path / "meg")
+
+
+def test_export_with_a_model_config_that_does_not_match_the_checkpoint_names_the_tensors(llama_fp32_sharded,
+                                                                                         tmp_path):
+    import dataclasses
+
+    root, _ = llama_fp32_sharded
+    cfg = import_hf(root / "hf", tmp_path / "meg")
+    wrong = dataclasses.replace(cfg, ffn_hidden_size=64)
+    with pytest.raises(CheckpointError, match=r"cannot read \[.*mlp.linear_fc1.weight.*shape mismatch"):
+        export_hf(tmp_path / "meg", tmp_path / "out", model_cfg=wrong)
+    _assert_nothing_written(tmp_path / "out")

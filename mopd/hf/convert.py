@@ -57,7 +57,7 @@ def import_hf(hf_dir: str | Path, megatron_dir: str | Path, *, tp: int = 1, pp: 
     check_layout(cfg, tp, pp)
     reader = HFReader(hf_dir)
     _check_hf_tensors(reader, cfg)
-    dtype = reader.get(mapping.global_rules(cfg)[0].hf[0]).dtype
+    dtype = reader.dtype(mapping.global_rules(cfg)[0].hf[0])
     padded = mapping.padded_vocab_size(cfg, tp)
     with _atomic_dir(out) as tmp, single_process_megatron():
         _save_lazily(reader, cfg, padded, dtype, tmp)
@@ -172,6 +172,7 @@ def _write_weights_marker(folder: Path, tp: int, pp: int) -> None:
 def _load_groups(src: Path, cfg: ModelConfig, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     """(megatron module name, full tensor) in mapping order, loading one layer's tensors per call."""
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
 
     padded = mapping.padded_vocab_size(cfg, 1)
     sharded = meta_sharded_state_dict(cfg, padded, dtype)
@@ -181,8 +182,10 @@ def _load_groups(src: Path, cfg: ModelConfig, dtype: torch.dtype) -> Iterator[tu
         request = {rule.megatron: _chunk_request(sharded, rule.megatron) for rule in group}
         try:
             loaded = dist_checkpointing.load(request, str(src), validate_access_integrity=False)
-        except Exception as exc:  # Megatron raises KeyError / CheckpointingException / DCP errors
-            raise CheckpointError(f"cannot read {[r.megatron for r in group]} from {src}: {exc}") from exc
+        except (Exception, CheckpointException) as exc:  # DCP wraps errors in a BaseException
+            cause = next(iter(exc.failures.values()))[0] if isinstance(exc, CheckpointException) else exc
+            raise CheckpointError(f"cannot read {[r.megatron for r in group]} from {src}: "
+                                  f"{type(cause).__name__}: {cause}") from None
         for rule in group:
             parts = [part.reshape(part.shape[1:]) if part.dim() > 1 and part.shape[0] == 1 and rule.layer is not None
                      else part for part in loaded[rule.megatron]]

@@ -63,26 +63,30 @@ def meta_sharded_state_dict(cfg: ModelConfig, padded_vocab: int, dtype: torch.dt
 
 @contextlib.contextmanager
 def single_process_megatron() -> Iterator[None]:
-    """A world-size-1 gloo group and Megatron parallel state (TP=PP=1) for the converter, torn down after.
+    """A world-size-1 gloo group and Megatron parallel state (TP=PP=1) for the converter; whatever this
+    sets up is torn down after, whatever the caller had set up is left alone.
 
     The store lives in memory (no port), so conversions can run side by side on one machine.
     """
     from megatron.core import parallel_state
 
-    if torch.distributed.is_initialized():
-        if torch.distributed.get_world_size() != 1:
-            raise CheckpointError("HF import/export runs in a single process; call it outside a distributed job "
-                                  "(inside one, stream with mopd.hf.megatron_to_hf instead)")
-        yield
-        return
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    own_group = not torch.distributed.is_initialized()
+    if own_group:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    elif torch.distributed.get_world_size() != 1:
+        raise CheckpointError("HF import/export runs in a single process; call it outside a distributed job "
+                              "(inside one, stream with mopd.hf.megatron_to_hf instead)")
+    own_state = not parallel_state.model_parallel_is_initialized()
     try:
-        parallel_state.initialize_model_parallel(1, 1)
+        if own_state:
+            parallel_state.initialize_model_parallel(1, 1)
         yield
     finally:
-        parallel_state.destroy_model_parallel()
-        torch.distributed.destroy_process_group()
+        if own_state:
+            parallel_state.destroy_model_parallel()
+        if own_group:
+            torch.distributed.destroy_process_group()
 
 
 __all__ = ["build_gpt", "meta_sharded_state_dict", "single_process_megatron", "transformer_config"]

@@ -66,6 +66,14 @@ class HFReader:
         with self._open(name) as handle:
             return tuple(handle.get_slice(name).get_shape())
 
+    def dtype(self, name: str) -> torch.dtype:
+        with self._open(name) as handle:
+            code = handle.get_slice(name).get_dtype()
+        by_code = {v: k for k, v in _DTYPE_CODES.items()}
+        if code not in by_code:
+            raise CheckpointError(f"tensor {name!r} has dtype {code}, which the converter does not handle")
+        return by_code[code]
+
     def get(self, name: str) -> torch.Tensor:
         """A copy of one tensor."""
         with self._open(name) as handle:
