@@ -1,0 +1,433 @@
+"""Weight sync from the Megatron student into engines and tracking teachers.
+
+One 2-rank gloo spawn runs every layout (TP=2, PP=2, and DP=2 at TP=PP=1): the student trains 3
+steps and syncs after each into an embedded rollout engine, an EMA self-teacher and a recorder (one
+stream, three consumers). At PP=2 the same spawn also syncs into a protocol-compatible SGLang
+server over a real weight-update group (gloo) and from disk, and checks that a consumer failure
+neither hangs the other ranks nor starves the other consumers. The pure checks (buckets, checksums,
+fan-out) run in the test process.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from dist_utils import run_on_ranks
+
+from mopd.config import ModelConfig, OptimizerConfig, ParallelConfig, StudentConfig, TrainConfig
+from mopd.errors import EngineError
+from mopd.types import TrainBatch
+from mopd.weight_sync import bucket_tensors, checksum, fan_out, tensor_bytes
+
+pytestmark = pytest.mark.timeout(300)
+
+VOCAB, STEPS, DECAY = 100, 3, 0.6
+LAYOUTS = ((2, 1), (1, 2), (1, 1))
+IDS = torch.tensor([[1, 5, 17, 42, 99, 3, 64, 8, 23], [1, 77, 2, 9, 31, 50, 11, 0, 60]])
+
+
+# ---------------------------------------------------------------------------------------- pure checks
+
+
+def named(sizes: list[int]) -> list[tuple[str, torch.Tensor]]:
+    return [(f"t{i}", torch.full((n,), float(i))) for i, n in enumerate(sizes)]
+
+
+@pytest.mark.parametrize("limit", [1, 16, 40, 64, 1000])
+def test_buckets_respect_the_byte_limit_and_cover_every_tensor_once_in_order(limit):
+    tensors = named([3, 1, 10, 4, 4, 2, 16, 5])  # fp32: 12, 4, 40, 16, 16, 8, 64, 20 bytes
+    buckets = list(bucket_tensors(tensors, limit))
+    flat = [item for b in buckets for item in b]
+    assert [n for n, _ in flat] == [n for n, _ in tensors]
+    assert all(a is b for (_, a), (_, b) in zip(flat, tensors))
+    for b in buckets:
+        size = sum(tensor_bytes(t) for _, t in b)
+        assert size <= limit or len(b) == 1, f"bucket of {size} B over the {limit} B limit holds {len(b)} tensors"
+    # Greedy: a bucket closes only when the next tensor would not fit.
+    for b, nxt in zip(buckets, buckets[1:]):
+        assert sum(tensor_bytes(t) for _, t in b) + tensor_bytes(nxt[0][1]) > limit
+
+
+def test_bucket_limits_must_be_positive():
+    with pytest.raises(ValueError, match="bucket_bytes must be positive, got 0"):
+        list(bucket_tensors(named([1]), 0))
+
+
+def test_checksums_are_equal_for_equal_tensors_and_differ_on_one_ulp_dtype_or_shape():
+    a = torch.randn(4, 5, generator=torch.Generator().manual_seed(0))
+    assert checksum(a) == checksum(a.clone()) == checksum(a.t().contiguous().t())
+    bumped = a.clone()
+    bumped[2, 3] = torch.nextafter(bumped[2, 3], torch.tensor(float("inf")))
+    assert checksum(bumped) != checksum(a)
+    assert checksum(a.double()) != checksum(a)
+    assert checksum(a.reshape(5, 4)) != checksum(a)
+    assert checksum(a.bfloat16()) == checksum(a.bfloat16().float().bfloat16())
+
+
+class Recorder:
+    """A consumer that keeps float64 copies of what it was sent, per version."""
+
+    def __init__(self, name: str = "recorder", fail_after: int | None = None, stop_after: int | None = None):
+        self.name, self.fail_after, self.stop_after = name, fail_after, stop_after
+        self.versions: dict[int, dict[str, torch.Tensor]] = {}
+        self.threads: set[str] = set()
+
+    def update_weights(self, named_tensors, version: int) -> None:
+        got = self.versions.setdefault(version, {})
+        self.threads.add(threading.current_thread().name)
+        for i, (name, tensor) in enumerate(named_tensors):
+            if self.fail_after is not None and i == self.fail_after:
+                raise EngineError(f"{self.name}: refused {name!r}")
+            if self.stop_after is not None and i == self.stop_after:
+                return
+            if name in got:
+                raise AssertionError(f"{name} sent twice")
+            got[name] = tensor.double().clone()
+
+
+def test_fan_out_gives_every_consumer_the_whole_stream_from_one_pass():
+    tensors = named([5, 7, 1, 30, 2, 2])
+    pulled = []
+
+    def stream():
+        for item in tensors:
+            pulled.append(item[0])
+            yield item
+
+    a, b = Recorder("a"), Recorder("b")
+    fan_out(stream(), [a, b], version=3, bucket_bytes=32)
+    assert pulled == [n for n, _ in tensors], "the stream must be read exactly once"
+    for r in (a, b):
+        assert list(r.versions[3]) == pulled
+        assert all(torch.equal(r.versions[3][n], t.double()) for n, t in tensors)
+    assert a.threads != b.threads, "each consumer loads in its own thread"
+
+
+def test_a_failing_consumer_is_named_while_the_others_still_get_everything_and_the_stream_is_drained():
+    tensors = named([4] * 10)
+    pulled = []
+
+    def stream():
+        for item in tensors:
+            pulled.append(item[0])
+            yield item
+
+    ok, bad, quits = Recorder("ok"), Recorder("bad", fail_after=2), Recorder("quits", stop_after=1)
+    with pytest.raises(EngineError, match=r"bad: refused 't2'"):
+        fan_out(stream(), [ok, bad, quits], version=1, bucket_bytes=16)
+    assert len(pulled) == 10 and list(ok.versions[1]) == pulled
+    with pytest.raises(EngineError, match="'quits' returned from update_weights before the stream ended"):
+        fan_out(iter(tensors), [ok, quits], version=2, bucket_bytes=16)
+
+
+def test_a_failing_stream_stops_every_consumer_with_its_error():
+    def stream():
+        yield "t0", torch.zeros(2)
+        raise RuntimeError("gather broke")
+
+    a, b = Recorder("a"), Recorder("b")
+    with pytest.raises(RuntimeError, match="gather broke"):
+        fan_out(stream(), [a, b], version=1, bucket_bytes=4)
+
+
+# ---------------------------------------------------------------------------------------- the spawn
+
+
+def student_config(tp: int, pp: int) -> StudentConfig:
+    return StudentConfig(
+        model=ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+                          ffn_hidden_size=64, vocab_size=VOCAB, make_vocab_size_divisible_by=64,
+                          max_position_embeddings=64),
+        parallel=ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp),
+        optimizer=OptimizerConfig(lr=1e-2, use_distributed_optimizer=True),
+        train=TrainConfig(steps=10, micro_batch_size=2),
+    )
+
+
+def micro_batches(step: int) -> list[TrainBatch]:
+    """Two micro-batches of two 8-token rows, the same on every rank (every DP rank trains on it)."""
+    gen = torch.Generator().manual_seed(100 + step)
+    out = []
+    for _ in range(2):
+        ids = torch.randint(0, VOCAB, (2, 9), generator=gen)
+        zeros = torch.zeros(2, 8)
+        out.append(TrainBatch(
+            tokens=ids[:, :-1], position_ids=torch.arange(8).repeat(2, 1), targets=ids[:, 1:], loss_mask=torch.ones(2, 8),
+            topk_ids=torch.zeros(2, 8, 1, dtype=torch.int32), topk_logprobs=torch.zeros(2, 8, 1), sampled_logprob=zeros,
+            tail_logmass=zeros, behaviour_logprobs=zeros, teacher_index=torch.zeros(2, 8, dtype=torch.long),
+            reward=torch.zeros(2)))
+    return out
+
+
+def cross_entropy(logits: torch.Tensor, batch: TrainBatch):
+    from megatron.core import tensor_parallel
+
+    loss = (tensor_parallel.vocab_parallel_cross_entropy(logits.float(), batch.targets) * batch.loss_mask).sum()
+    return loss, {"tokens": batch.loss_mask.sum()}
+
+
+def hf_model(model_cfg: ModelConfig, seed: int) -> torch.nn.Module:
+    """A randomly initialised HF model of the student's shape (never the student's weights)."""
+    import transformers
+
+    from mopd.hf.families import hf_config_from_model
+
+    torch.manual_seed(seed)
+    config = transformers.AutoConfig.for_model(**hf_config_from_model(model_cfg, dtype="float32"))
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def student_logits(chunks, layout) -> torch.Tensor | None:
+    """[B, S, VOCAB] logits of the Megatron student (last stage; p2p between stages), else None."""
+    from mopd.hf.gather import unwrap
+
+    model = unwrap(chunks[0]).eval()
+    positions = torch.arange(IDS.shape[1]).expand_as(IDS)
+    with torch.no_grad():
+        if not layout.is_first_stage:
+            hidden = torch.empty(IDS.shape[1], IDS.shape[0], model.config.hidden_size)
+            torch.distributed.recv(hidden, group=layout.pp_group, group_src=layout.pp_rank - 1)
+            model.set_input_tensor(hidden)
+        out = model(IDS, positions, None)
+        if not layout.is_last_stage:
+            torch.distributed.send(out.contiguous(), group=layout.pp_group, group_dst=layout.pp_rank + 1)
+            return None
+    shards = [torch.empty_like(out) for _ in range(layout.tp)]
+    torch.distributed.all_gather(shards, out.contiguous(), group=layout.tp_group)
+    return torch.cat(shards, dim=-1)[..., :VOCAB]
+
+
+def engine_logits(engine) -> torch.Tensor:
+    with torch.no_grad():
+        return engine.model(IDS).logits.float()
+
+
+def _worker(rank: int, world: int, tmp: str) -> dict:
+    from mopd.parallel import destroy_parallel, init_parallel
+
+    out = {}
+    for tp, pp in LAYOUTS:
+        layout = init_parallel(ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp), seed=3)
+        out[(tp, pp)] = _train_and_sync(layout, student_config(tp, pp), tmp, with_sglang=pp == 2)
+        destroy_parallel()
+    return out
+
+
+def _train_and_sync(layout, cfg: StudentConfig, tmp: str, *, with_sglang: bool) -> dict:
+    from mopd.config import TeacherConfig, TeacherKind
+    from mopd.data.tokenizer import build_char_tokenizer
+    from mopd.rollout.embedded import EmbeddedEngine
+    from mopd.student import build_model, build_optimizer, train_step
+    from mopd.teachers.self_pi import SelfPITeacher
+    from mopd.weight_sync import WeightSync, tracking
+
+    chunks = build_model(cfg, layout)
+    optimizer, scheduler = build_optimizer(cfg, chunks)
+    row: dict = {"reports": []}
+    consumers = []
+    if layout.rank == 0:
+        rollout = EmbeddedEngine(hf_model(cfg.model, seed=1), eos_token_ids=[2], pad_token_id=0, name="rollout")
+        ema_model = hf_model(cfg.model, seed=2)
+        row["ema_init"] = {n: t.double().clone() for n, t in ema_model.state_dict().items()}
+        ema = SelfPITeacher(TeacherConfig(name="ema", kind=TeacherKind.self_pi, ema_decay=DECAY),
+                            EmbeddedEngine(ema_model, eos_token_ids=[2], pad_token_id=0, name="ema-engine"),
+                            build_char_tokenizer(), initial_weights=ema_model.state_dict().items())
+        recorder = Recorder()
+        consumers = [rollout, *tracking([ema]), recorder]
+    sync = WeightSync(chunks, cfg.model, layout, consumers, bucket_bytes=20_000, verify=True)
+    for step in range(STEPS):
+        train_step(chunks, optimizer, scheduler, micro_batches(step), cross_entropy, layout, step=step)
+        row["reports"].append(sync.sync(version=step + 1))
+    row["student_logits"] = student_logits(chunks, layout)
+    if layout.rank == 0:
+        row.update(rollout_logits=engine_logits(rollout), rollout_version=rollout.health().weight_version,
+                   ema_state={n: t.clone() for n, t in ema.engine.model.state_dict().items()},
+                   ema_version=ema.engine.weight_version, streamed=recorder.versions)
+    if with_sglang:
+        row.update(_sglang_cases(chunks, cfg, layout, tmp))
+        row.update(_failure_cases(chunks, cfg, layout))
+    return row
+
+
+def _sglang_cases(chunks, cfg: StudentConfig, layout, tmp: str) -> dict:
+    """Sync into a protocol server via the NCCL-group protocol (gloo here) and via disk."""
+    from mopd.config import SGLangConfig
+    from mopd.rollout.embedded import EmbeddedEngine
+    from mopd.rollout.sglang_client import SGLangEngine, WeightSyncOptions
+    from mopd.weight_sync import WeightSync
+    from sglang_protocol_server import ProtocolServer, load_api_types
+
+    api = load_api_types() if layout.rank == 0 else None
+    row: dict = {"sglang_available": api is not None} if layout.rank == 0 else {}
+    for mode, version in (("distributed", 11), ("disk", 12)):
+        client = server = None
+        if api is not None:
+            server = ProtocolServer(EmbeddedEngine(hf_model(cfg.model, seed=5), eos_token_ids=[2], pad_token_id=0), api).start()
+            bodies = _record_bodies(server)
+            options = WeightSyncOptions(backend="gloo", master_address="127.0.0.1", bucket_bytes=20_000,
+                                        group_name=f"mopd-test-{mode}", disk_dir=f"{tmp}/disk")
+            client = SGLangEngine(SGLangConfig(endpoints=[server.url], weight_sync=mode, request_timeout_s=60.0),
+                                  name=f"sglang-{mode}", sync=options)
+        WeightSync(chunks, cfg.model, layout, [client] if client else []).sync(version)
+        if server is not None:
+            row[mode] = {"calls": list(server.calls), "bodies": bodies, "logits": engine_logits(server.engine),
+                         "health_version": client.health().weight_version}
+            client.close()
+            server.stop()
+    return row
+
+
+def _record_bodies(server) -> list:
+    bodies, control = [], server.control
+
+    def recording(path, body):
+        bodies.append((path, body))
+        return control(path, body)
+
+    server.control = recording
+    return bodies
+
+
+class _Lossy:
+    """An embedded engine that silently skips one tensor: verify must catch it."""
+
+    def __init__(self, engine, skip: str):
+        self.engine, self.skip, self.name, self.model = engine, skip, "lossy", engine.model
+
+    def update_weights(self, named_tensors, version):
+        self.engine.update_weights(((n, t) for n, t in named_tensors if n != self.skip), version)
+
+
+def _failure_cases(chunks, cfg: StudentConfig, layout) -> dict:
+    """Consumer failures on rank 0: a clear error there, every other rank finishes its sync."""
+    from mopd.rollout.embedded import EmbeddedEngine
+    from mopd.weight_sync import WeightSync
+
+    row: dict = {}
+    cases = {
+        "lossy": lambda: [_Lossy(EmbeddedEngine(hf_model(cfg.model, seed=6), eos_token_ids=[2], pad_token_id=0), "model.norm.weight")],
+        "refusing": lambda: [EmbeddedEngine(hf_model(cfg.model, seed=7), eos_token_ids=[2], pad_token_id=0, name="intact"),
+                             Recorder("refuser", fail_after=3)],
+    }
+    for version, (case, make) in enumerate(cases.items(), start=21):
+        consumers = make() if layout.rank == 0 else []
+        sync = WeightSync(chunks, cfg.model, layout, consumers, bucket_bytes=20_000, verify=True)
+        try:
+            row[f"{case}_report"] = sync.sync(version)
+        except EngineError as exc:
+            row[f"{case}_error"] = str(exc)
+        if case == "refusing" and layout.rank == 0:
+            row.update(intact_logits=engine_logits(consumers[0]), intact_version=consumers[0].weight_version)
+    return row
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> list[dict]:
+    return run_on_ranks(_worker, 2, str(tmp_path_factory.mktemp("weight_sync")), timeout=280)
+
+
+def _last_stage_logits(results: list[dict], layout) -> torch.Tensor:
+    got = [r[layout]["student_logits"] for r in results if r[layout]["student_logits"] is not None]
+    assert got, f"no rank returned the student's logits at {layout}"
+    return got[-1]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=[f"tp{tp}_pp{pp}" for tp, pp in LAYOUTS])
+def test_synced_embedded_engine_reproduces_the_trained_students_logits_and_version(results, layout):
+    root = results[0][layout]
+    student = _last_stage_logits(results, layout)
+    assert student.std() > 0.1
+    diff = (root["rollout_logits"] - student).abs().max().item()
+    assert diff < 1e-4, f"max |engine - student| = {diff:.3g} at tp,pp={layout}"
+    assert root["rollout_version"] == STEPS
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=[f"tp{tp}_pp{pp}" for tp, pp in LAYOUTS])
+def test_the_stream_holds_every_hf_tensor_once_with_its_shape_and_changes_every_step(results, layout):
+    from mopd.hf.mapping import expected_hf_shapes
+
+    expected = expected_hf_shapes(student_config(*layout).model)
+    streamed = results[0][layout]["streamed"]
+    assert sorted(streamed) == list(range(1, STEPS + 1))
+    for version, tensors in streamed.items():
+        assert {n: tuple(t.shape) for n, t in tensors.items()} == expected, f"version {version}"
+    moved = [n for n in expected if not torch.equal(streamed[1][n], streamed[STEPS][n])]
+    assert len(moved) == len(expected), f"weights that did not train: {set(expected) - set(moved)}"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=[f"tp{tp}_pp{pp}" for tp, pp in LAYOUTS])
+def test_ema_self_teacher_holds_the_float64_ema_of_the_streamed_student_weights(results, layout):
+    root = results[0][layout]
+    reference = dict(root["ema_init"])
+    for version in range(1, STEPS + 1):
+        for name, w in root["streamed"][version].items():
+            reference[name] = DECAY * reference[name] + (1 - DECAY) * w
+    held = root["ema_state"]
+    assert root["ema_version"] == STEPS
+    worst = max((held[n].double() - reference[n]).abs().max().item() for n in reference)
+    assert worst < 1e-6, f"max |teacher - float64 EMA| = {worst:.3g}"
+    final = root["streamed"][STEPS]
+    gap = max((held[n].double() - final[n]).abs().max().item() for n in final)
+    assert gap > 1e-2, "the EMA teacher should lag the student, not copy it"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=[f"tp{tp}_pp{pp}" for tp, pp in LAYOUTS])
+def test_each_rank_plays_its_role_and_rank_zero_streams_every_byte(results, layout):
+    tp, pp = layout
+    roles = [r[layout]["reports"][-1].role for r in results]
+    assert roles == ["root", {(2, 1): "gather", (1, 2): "source", (1, 1): "idle"}[layout]]
+    root = results[0][layout]["reports"][-1]
+    model_bytes = sum(t.numel() * 4 for t in results[0][layout]["streamed"][STEPS].values())
+    assert root.nbytes == model_bytes and root.consumers == ("rollout", "ema", "recorder")
+    if pp == 2:
+        sent = results[1][layout]["reports"][-1]
+        assert 0 < sent.tensors < root.tensors and 0 < sent.nbytes < root.nbytes
+
+
+def _sglang(results, mode: str) -> dict:
+    root = results[0][(1, 2)]
+    if not root["sglang_available"]:
+        pytest.skip("sglang/api/v1/api_types.py not installed: pip install --no-deps sglang==0.5.23")
+    return root[mode]
+
+
+def test_sglang_distributed_sync_runs_the_refit_sequence_in_bounded_buckets_and_matches_the_student(results):
+    got = _sglang(results, "distributed")
+    updates = got["calls"].count("/update_weights_from_distributed")
+    assert got["calls"] == ["/init_weights_update_group", "/pause_generation", "/flush_cache", "/begin_weight_update",
+                            *["/update_weights_from_distributed"] * updates,
+                            "/end_weight_update", "/flush_cache", "/continue_generation"]
+    bodies = [b for p, b in got["bodies"] if p == "/update_weights_from_distributed"]
+    sizes = [sum(torch.Size(s).numel() * 4 for s in b["shapes"]) for b in bodies]
+    assert updates >= 2 and all(s <= 20_000 or len(b["names"]) == 1 for s, b in zip(sizes, bodies))
+    names = [n for b in bodies for n in b["names"]]
+    from mopd.hf.mapping import expected_hf_shapes
+
+    assert sorted(names) == sorted(expected_hf_shapes(student_config(1, 2).model)) and len(set(names)) == len(names)
+    assert {b["weight_version"] for b in bodies} == {"11"} and got["health_version"] == 11
+    diff = (got["logits"] - _last_stage_logits(results, (1, 2))).abs().max().item()
+    assert diff < 1e-4, f"max |server - student| = {diff:.3g}"
+
+
+def test_sglang_disk_sync_reloads_the_students_weights_end_to_end(results):
+    got = _sglang(results, "disk")
+    assert got["calls"] == ["/pause_generation", "/flush_cache", "/update_weights_from_disk", "/continue_generation"]
+    assert got["health_version"] == 12
+    diff = (got["logits"] - _last_stage_logits(results, (1, 2))).abs().max().item()
+    assert diff < 1e-4, f"max |server - student| = {diff:.3g}"
+
+
+def test_verify_names_a_tensor_an_engine_did_not_load_and_other_ranks_finish(results):
+    root, other = results[0][(1, 2)], results[1][(1, 2)]
+    assert "holds a different 'model.norm.weight'" in root["lossy_error"]
+    assert other["lossy_report"].role == "source"
+
+
+def test_a_refusing_consumer_is_named_and_the_other_engine_still_gets_the_whole_model(results):
+    root, other = results[0][(1, 2)], results[1][(1, 2)]
+    assert "refuser: refused" in root["refusing_error"]
+    diff = (root["intact_logits"] - _last_stage_logits(results, (1, 2))).abs().max().item()
+    assert diff < 1e-4 and root["intact_version"] == 22
+    assert other["refusing_report"].role == "source"
