@@ -73,13 +73,14 @@ def naive_forward_kl(logits: torch.Tensor, batch) -> torch.Tensor:
     return (t.exp() * (t - torch.cat([s_top, s_tail[..., None]], -1))).sum()
 
 
-def chunked_forward_kl(logits: torch.Tensor, batch, chunk_tokens: int) -> torch.Tensor:
+def chunked_forward_kl(vocab: int, chunk_tokens: int):
+    """mopd's LossFn for the same objective (built, and its modules imported, before measuring)."""
     from mopd.config import ObjectiveConfig
     from mopd.objectives import build_loss_fn
 
-    fn = build_loss_fn({0: [ObjectiveConfig()]}, ["teacher"], tp_group=None, vocab_start=0,
-                       vocab_size=logits.shape[-1], chunk_tokens=chunk_tokens)
-    return fn(logits, batch)[0]
+    fn = build_loss_fn({0: [ObjectiveConfig()]}, ["teacher"], tp_group=None, vocab_start=0, vocab_size=vocab,
+                       chunk_tokens=chunk_tokens)
+    return lambda logits, batch: fn(logits, batch)[0]
 
 
 def _status_kib(field: str) -> int:
@@ -91,8 +92,7 @@ def measure(impl: str, tokens: int, vocab: int, k: int, dtype: torch.dtype, chun
             device: str) -> Measurement:
     """One forward + backward of ``impl`` (naive | chunked) in THIS process."""
     logits, batch = _inputs(tokens, vocab, k, dtype, device)
-    run = (lambda: naive_forward_kl(logits, batch)) if impl == "naive" else (
-        lambda: chunked_forward_kl(logits, batch, chunk_tokens))
+    loss_fn = naive_forward_kl if impl == "naive" else chunked_forward_kl(vocab, chunk_tokens)
     if device == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -102,7 +102,7 @@ def measure(impl: str, tokens: int, vocab: int, k: int, dtype: torch.dtype, chun
             f.write("5")  # reset the resident high-water mark to the current resident size
         base = _status_kib("VmRSS") * 1024
     start = time.perf_counter()
-    loss = run()
+    loss = loss_fn(logits, batch)
     loss.backward()
     if device == "cuda":
         torch.cuda.synchronize()

@@ -177,6 +177,7 @@ class _SelectLogprobs(torch.autograd.Function):
             work = _working_copy(flat, rows, a, b, first, shard)
             sel, lse, tail = _forward_chunk(work, ids[a:b], tail_cols, scale, shard)
             out_sel[a:b], out_lse[a:b], out_tail[a:b] = sel, lse, tail
+            del work  # free this chunk's buffer before the next one is allocated
         ctx.save_for_backward(logits, rows, ids, out_lse, out_tail)
         ctx.args = (tail_cols, scale, shard, chunks)
         ctx.mark_non_differentiable(out_lse)
@@ -198,6 +199,7 @@ class _SelectLogprobs(torch.autograd.Function):
                 grad_flat[first:first + b - a, : g.shape[1]].copy_(g)  # casts in place, no second buffer
             else:
                 grad_flat[rows[a:b], : g.shape[1]] = g.to(grad.dtype)
+            del g  # free this chunk's buffer before the next one is allocated
         return grad, None, None, None, None, None, None
 
 
