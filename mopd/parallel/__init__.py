@@ -1,0 +1,5 @@
+"""Parallel layout from config, Megatron initialisation, and the CPU/gloo compatibility layer."""
+
+from mopd.parallel.layout import LayoutPlan, ParallelLayout, destroy_parallel, init_parallel, plan_layout
+
+__all__ = ["LayoutPlan", "ParallelLayout", "destroy_parallel", "init_parallel", "plan_layout"]
