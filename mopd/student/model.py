@@ -1,0 +1,148 @@
+"""The student: a Llama/Qwen-style Megatron-Core GPTModel built from the typed config.
+
+Megatron's GPTModel returns logits ``[B, S, V_local]`` (it transposes its internal ``[S, B, V]``
+when no labels are given): this TP rank's contiguous slice of the padded vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mopd.config import Dtype, Fp8Recipe, StudentConfig
+from mopd.config.model import ModelConfig
+from mopd.errors import ConfigError
+from mopd.parallel import ParallelLayout
+
+_TORCH_DTYPE = {Dtype.fp32: torch.float32, Dtype.bf16: torch.bfloat16, Dtype.fp16: torch.float16}
+
+
+def padded_vocab_size(model: ModelConfig, tp: int) -> int:
+    """Vocabulary rounded up to a multiple of ``make_vocab_size_divisible_by * tp`` (Megatron's rule)."""
+    multiple = model.make_vocab_size_divisible_by * tp
+    return -(-model.vocab_size // multiple) * multiple
+
+
+def have_transformer_engine() -> bool:
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except (ImportError, OSError, RuntimeError):
+        return False
+    return True
+
+
+def _fp8_fields(cfg: StudentConfig) -> dict:
+    p = cfg.precision
+    if p.fp8 == Fp8Recipe.none:
+        return {}
+    if not have_transformer_engine():
+        raise ConfigError(
+            f"student.precision.fp8={p.fp8.value} needs Transformer Engine, which cannot be imported here; "
+            "install transformer-engine[pytorch] on a Hopper+ GPU node or set student.precision.fp8=none"
+        )
+    fields = dict(fp8=p.fp8_format.value, fp8_recipe=p.fp8.value, fp8_param=p.fp8_param_gather)
+    if p.fp8 == Fp8Recipe.delayed:
+        # TE's DelayedScaling default pairs a long amax history with its max.
+        fields.update(fp8_amax_history_len=p.fp8_amax_history_len, fp8_amax_compute_algo="max")
+    return fields
+
+
+def transformer_config(cfg: StudentConfig, layout: ParallelLayout):
+    """Megatron ``TransformerConfig`` for the student at this layout (Llama/Qwen fields)."""
+    from megatron.core.transformer import TransformerConfig
+
+    m, dtype = cfg.model, _TORCH_DTYPE[cfg.precision.dtype]
+    on_cpu = layout.device.type == "cpu"
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.head_dim,
+        ffn_hidden_size=m.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=m.add_qkv_bias,
+        qk_layernorm=m.qk_layernorm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=m.init_method_std,
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        sequence_parallel=cfg.parallel.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        # Full weights drawn on the CPU then sliced: the same seed gives the same model at any TP.
+        use_cpu_initialization=on_cpu,
+        # Fused kernels (Apex/TE/CUDA) do not exist on the CPU.
+        bias_activation_fusion=not on_cpu,
+        masked_softmax_fusion=not on_cpu,
+        bias_dropout_fusion=not on_cpu,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        deallocate_pipeline_outputs=True,
+        **_fp8_fields(cfg),
+    )
+
+
+def _layer_spec(cfg: StudentConfig, layout: ParallelLayout):
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    if layout.device.type == "cuda" and have_transformer_engine():
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.model.qk_layernorm)
+    return get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=cfg.model.qk_layernorm)
+
+
+def build_model(cfg: StudentConfig, layout: ParallelLayout, *, wrap_ddp: bool = True) -> list[torch.nn.Module]:
+    """The student's model chunks for this rank (one chunk: no virtual pipeline stages).
+
+    The chunk is a GPTModel holding this stage's layers (embedding on the first stage, output layer
+    on the last), cast by ``Float16Module`` under bf16/fp16, and wrapped in Megatron's
+    DistributedDataParallel when ``wrap_ddp`` (set False for frozen copies such as a self-teacher).
+    """
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.module import Float16Module
+
+    tc = transformer_config(cfg, layout)
+    model = GPTModel(
+        config=tc,
+        transformer_layer_spec=_layer_spec(cfg, layout),
+        vocab_size=padded_vocab_size(cfg.model, layout.tp),
+        max_sequence_length=cfg.model.max_position_embeddings,
+        pre_process=layout.is_first_stage,
+        post_process=layout.is_last_stage,
+        parallel_output=True,
+        share_embeddings_and_output_weights=cfg.model.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(cfg.model.rope_theta),
+    )
+    model.to(layout.device)
+    if tc.bf16 or tc.fp16:
+        model = Float16Module(tc, model)
+    if wrap_ddp:
+        model = _wrap_ddp(cfg, tc, model)
+    return [model]
+
+
+def _wrap_ddp(cfg: StudentConfig, tc, model: torch.nn.Module) -> torch.nn.Module:
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+    ddp_config = DistributedDataParallelConfig(
+        # Reduce low-precision gradients in fp32 (Megatron-LM's accumulate_allreduce_grads_in_fp32).
+        grad_reduce_in_fp32=cfg.precision.dtype != Dtype.fp32,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.optimizer.use_distributed_optimizer,
+    )
+    ddp = DistributedDataParallel(config=tc, ddp_config=ddp_config, module=model)
+    # The schedules read these hooks from the model config, as Megatron-LM's setup sets them.
+    tc.no_sync_func = ddp.no_sync
+    tc.finalize_model_grads_func = finalize_model_grads
+    return ddp

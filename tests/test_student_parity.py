@@ -1,0 +1,240 @@
+"""The Megatron student trains identically at every parallel layout.
+
+A one-rank run (TP=1, PP=1, DP=1) is the reference: it saves its initial weights, checks its first
+loss against a float64 full-vocabulary formula, and trains 3 steps. One 4-rank spawn then loads the
+same weights at TP=2, PP=2, TP=2xPP=2 and TP=1xPP=1 (DP=4) and trains 3 steps on the same global
+batch split over its data-parallel ranks (fewer micro-batches per rank as DP grows, unequal token
+counts everywhere). Last, it feeds a NaN loss and a NaN gradient and checks the step refuses both
+before the weights change.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from dist_utils import run_on_ranks
+
+from mopd.config import ModelConfig, OptimizerConfig, ParallelConfig, StudentConfig, TrainConfig
+from mopd.types import TrainBatch
+
+VOCAB, SEQS, STEPS = 128, 8, 3
+LAYOUTS = ((2, 1), (1, 2), (2, 2), (1, 1))
+REL_TOL = 1e-5
+
+
+def student_config(tp: int = 1, pp: int = 1) -> StudentConfig:
+    return StudentConfig(
+        model=ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+                          ffn_hidden_size=64, vocab_size=VOCAB, make_vocab_size_divisible_by=64,
+                          max_position_embeddings=64),
+        parallel=ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp),
+        optimizer=OptimizerConfig(lr=3e-3, clip_grad=1.0, use_distributed_optimizer=True),
+        train=TrainConfig(steps=10, micro_batch_size=2),
+    )
+
+
+def make_sequence(seed: int, length: int, prompt: int, teacher: int) -> TrainBatch:
+    """One row: random tokens, the response starts after ``prompt`` tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (length + 1,), generator=gen)
+    mask = torch.zeros(length)
+    mask[prompt - 1:] = 1.0
+    zeros = torch.zeros(1, length)
+    return TrainBatch(
+        tokens=ids[:-1][None], position_ids=torch.arange(length)[None], targets=ids[1:][None],
+        loss_mask=mask[None], topk_ids=torch.zeros(1, length, 1, dtype=torch.int32),
+        topk_logprobs=torch.zeros(1, length, 1), sampled_logprob=zeros, tail_logmass=zeros,
+        behaviour_logprobs=zeros, teacher_index=torch.full((1, length), teacher), reward=torch.zeros(1),
+    )
+
+
+def global_batch(step: int, teacher_blocks: bool = False) -> list[TrainBatch]:
+    """SEQS rows of different lengths (6..13) and prompt lengths, so token counts are unequal.
+
+    Rows alternate teachers 0 and 1, or with ``teacher_blocks`` the first half is teacher 0."""
+    def teacher(i: int) -> int:
+        return i // (SEQS // 2) if teacher_blocks else i % 2
+
+    return [make_sequence(1000 * step + i, 6 + (3 * i + step) % 8, 2 + i % 3, teacher(i)) for i in range(SEQS)]
+
+
+def stack(rows: list[TrainBatch]) -> TrainBatch:
+    from mopd.student.train_step import pad_batch
+
+    length = max(r.tokens.shape[1] for r in rows)
+    padded = [pad_batch(r, 1, length) for r in rows]
+    return TrainBatch(**{f: torch.cat([getattr(p, f) for p in padded]) if getattr(padded[0], f) is not None
+                         else None for f in TrainBatch.__dataclass_fields__})
+
+
+def shard(rows: list[TrainBatch], dp: int, dp_rank: int, micro_batch_size: int = 2) -> list[TrainBatch]:
+    """Contiguous blocks of rows per data-parallel rank, cut into micro-batches."""
+    per_rank = len(rows) // dp
+    mine = rows[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+    return [stack(mine[i:i + micro_batch_size]) for i in range(0, len(mine), micro_batch_size)]
+
+
+def cross_entropy_loss(logits: torch.Tensor, batch: TrainBatch):
+    """Masked sum of Megatron's vocab-parallel cross entropy: logits [B, S, V_local]."""
+    from megatron.core import tensor_parallel
+
+    ce = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), batch.targets)
+    loss_sum = (ce * batch.loss_mask).sum()
+    return loss_sum, {"ce_sum": loss_sum.detach(), "tokens": batch.loss_mask.sum()}
+
+
+def float64_reference_loss(chunk: torch.nn.Module, rows: list[TrainBatch]) -> float:
+    """Mean masked cross entropy over the whole batch, from full logits in float64 (TP=1 model)."""
+    total, count = 0.0, 0.0
+    with torch.no_grad():
+        for row in rows:
+            logits = chunk(row.tokens, row.position_ids, None).double()
+            logp = torch.log_softmax(logits, dim=-1).gather(-1, row.targets[..., None])[..., 0]
+            total += float(-(logp * row.loss_mask).sum())
+            count += float(row.loss_mask.sum())
+    return total / count
+
+
+def _train(cfg: StudentConfig, layout, weights: str, steps: int = STEPS):
+    from mopd.student import build_model, build_optimizer, load_model_weights, train_step
+
+    chunks = build_model(cfg, layout)
+    load_model_weights(weights, chunks)
+    optimizer, scheduler = build_optimizer(cfg, chunks)
+    history = []
+    for step in range(steps):
+        batches = shard(global_batch(step), layout.dp, layout.dp_rank)
+        r = train_step(chunks, optimizer, scheduler, batches, cross_entropy_loss, layout, step=step)
+        history.append((r.loss, r.grad_norm, r.num_tokens, r.metrics["tokens"], r.lr))
+    return chunks, optimizer, scheduler, history
+
+
+def _reference_worker(rank: int, world: int, weights: str) -> dict:
+    from mopd.parallel import init_parallel
+    from mopd.student import build_model, load_model_weights, save_model_weights
+
+    cfg = student_config()
+    layout = init_parallel(cfg.parallel, seed=7)
+    save_model_weights(weights, build_model(cfg, layout))
+    _, _, _, history = _train(cfg, layout, weights)
+    fresh = build_model(cfg, layout, wrap_ddp=False)
+    load_model_weights(weights, fresh)
+    return {"history": history, "float64_loss": float64_reference_loss(fresh[0], global_batch(0))}
+
+
+class NanGrad(torch.autograd.Function):
+    """Identity forward, NaN gradient backward: a finite loss with a non-finite gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def _nan_loss_at_teacher_one(logits, batch):
+    loss_sum, metrics = cross_entropy_loss(logits, batch)
+    if bool((batch.teacher_index[batch.loss_mask > 0] == 1).any()):
+        loss_sum = loss_sum * float("nan")
+    return loss_sum, metrics
+
+
+def _nan_grad(logits, batch):
+    return cross_entropy_loss(NanGrad.apply(logits), batch)
+
+
+def _refusal(chunks, optimizer, scheduler, layout, loss_fn) -> dict:
+    from mopd.errors import NonFiniteLossError
+    from mopd.student import train_step
+
+    before = [p.detach().clone() for p in chunks[0].parameters()]
+    try:
+        train_step(chunks, optimizer, scheduler, shard(global_batch(5, True), layout.dp, layout.dp_rank), loss_fn,
+                   layout, step=41, teacher_names=("math", "code"))
+        message = None
+    except NonFiniteLossError as e:
+        message = str(e)
+    unchanged = all(torch.equal(a, b.detach()) for a, b in zip(before, chunks[0].parameters()))
+    return {"message": message, "unchanged": unchanged}
+
+
+def _layouts_worker(rank: int, world: int, weights: str) -> dict:
+    from mopd.parallel import destroy_parallel, init_parallel
+
+    out = {}
+    for tp, pp in LAYOUTS:
+        cfg = student_config(tp, pp)
+        layout = init_parallel(cfg.parallel, seed=7)
+        chunks, optimizer, scheduler, history = _train(cfg, layout, weights)
+        out[(tp, pp)] = history
+        if (tp, pp) == (2, 2):
+            out["nan_loss"] = _refusal(chunks, optimizer, scheduler, layout, _nan_loss_at_teacher_one)
+            out["nan_grad"] = _refusal(chunks, optimizer, scheduler, layout, _nan_grad)
+        destroy_parallel()
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    weights = str(tmp_path_factory.mktemp("parity") / "init")
+    reference = run_on_ranks(_reference_worker, 1, weights, timeout=240)[0]
+    layouts = run_on_ranks(_layouts_worker, 4, weights, timeout=420)
+    return reference, layouts
+
+
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+def test_first_loss_equals_the_float64_masked_cross_entropy_of_the_whole_batch(runs):
+    reference, _ = runs
+    loss0 = reference["history"][0][0]
+    assert _rel(loss0, reference["float64_loss"]) < REL_TOL, (loss0, reference["float64_loss"])
+    tokens = sum(float(r.loss_mask.sum()) for r in global_batch(0))
+    assert reference["history"][0][2] == tokens
+    assert reference["history"][0][3] == tokens
+
+
+@pytest.mark.parametrize("tp,pp", LAYOUTS, ids=[f"tp{t}xpp{p}" for t, p in LAYOUTS])
+def test_every_layout_matches_one_rank_loss_and_grad_norm_for_three_steps(runs, tp, pp):
+    reference, layouts = runs
+    for rank, out in enumerate(layouts):
+        for step, (got, want) in enumerate(zip(out[(tp, pp)], reference["history"])):
+            where = f"tp{tp}xpp{pp} rank {rank} step {step}"
+            assert _rel(got[0], want[0]) < REL_TOL, (where, "loss", got[0], want[0])
+            assert _rel(got[1], want[1]) < REL_TOL, (where, "grad norm", got[1], want[1])
+            assert got[2] == want[2] and got[3] == want[3] and got[4] == want[4], where
+
+
+def test_four_data_parallel_ranks_equal_four_micro_batches_with_unequal_token_counts(runs):
+    """DP=4 with one micro-batch each vs DP=1 with four: the mean is over the global valid tokens."""
+    reference, layouts = runs
+    counts = [float(shard(global_batch(0), 4, r)[0].loss_mask.sum()) for r in range(4)]
+    assert max(counts) / min(counts) > 1.2, f"the check needs unequal token counts, got {counts}"
+    for step in range(STEPS):
+        dp4, dp1 = layouts[0][(1, 1)][step], reference["history"][step]
+        assert _rel(dp4[0], dp1[0]) < REL_TOL and _rel(dp4[1], dp1[1]) < REL_TOL, (step, dp4, dp1)
+
+
+def test_a_nan_loss_raises_naming_the_step_and_teacher_before_the_weights_change(runs):
+    _, layouts = runs
+    for rank, out in enumerate(layouts):
+        result = out["nan_loss"]
+        assert result["message"] is not None, f"rank {rank} did not raise"
+        assert "step 41" in result["message"] and "code" in result["message"], result["message"]
+        assert "math" not in result["message"], result["message"]
+        assert result["unchanged"], f"rank {rank}: weights changed"
+
+
+def test_a_nan_gradient_with_a_finite_loss_raises_before_the_weights_change(runs):
+    _, layouts = runs
+    for rank, out in enumerate(layouts):
+        result = out["nan_grad"]
+        assert result["message"] is not None and "gradient norm" in result["message"], result
+        assert "step 41" in result["message"]
+        assert result["unchanged"], f"rank {rank}: weights changed"
+    assert not math.isnan(layouts[0][(1, 1)][0][0])
