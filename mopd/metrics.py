@@ -102,9 +102,13 @@ class Metrics:
         if self._sinks:
             print(f"WARNING {message}", flush=True)
 
+    def pop_timings(self) -> dict[str, float]:
+        """The spans timed since the last call, as `timing/<name>` seconds."""
+        out, self.timings = {f"timing/{k}": v for k, v in self.timings.items()}, {}
+        return out
+
     def log(self, step: int, values: Mapping[str, float]) -> None:
-        merged = {**values, **{f"timing/{k}": v for k, v in self.timings.items()}}
-        self.timings = {}
+        merged = {**values, **self.pop_timings()}
         for sink in self._sinks:
             sink.write(step, merged)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -14,6 +14,7 @@ from mopd.data.sampler import PromptSampler
 from mopd.data.sources import build_source
 from mopd.data.synthetic import PiMode
 from mopd.metrics import Metrics
+from mopd.objectives import mean_metrics
 from mopd.rollout.embedded import EmbeddedEngine
 from mopd.stages.batches import my_share
 from mopd.stages.context import RunContext, StageOutput, barrier, broadcast
@@ -110,7 +111,8 @@ def train_on(run: StageRun, rollouts: list[Rollout] | None, routing: Routing | N
 
 def log_step(run: StageRun, result: StepResult, extra: dict[str, float]) -> None:
     values = {"train/loss": result.loss, "train/grad_norm": result.grad_norm, "train/lr": result.lr,
-              "train/tokens": float(result.num_tokens), "train/tokens_per_s": result.tokens_per_s, **extra}
+              "train/tokens": float(result.num_tokens), "train/tokens_per_s": result.tokens_per_s,
+              **mean_metrics(result.metrics), **extra, **run.metrics.pop_timings()}
     if run.step % run.config.logging.log_every == 0 or run.step == 1:
         run.metrics.log(run.step, values)
     run.history.append({"step": float(run.step), **{k: float(v) for k, v in values.items()}})
@@ -160,6 +162,8 @@ def finish_stage(run: StageRun) -> StageOutput:
 
 
 def evaluate_hf_dir(ctx: RunContext, config: RunConfig, hf_dir: Path) -> dict:
+    """Evaluate on every domain of the run (not only the stage's own), so experts and baselines compare."""
+    config = replace(config, data=ctx.config.data)
     result = None
     if ctx.is_logger:
         engine = EmbeddedEngine.from_pretrained(hf_dir, name="eval")

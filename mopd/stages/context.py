@@ -44,6 +44,7 @@ class StageOutput:
     """Diagnostic alarms raised during the stage."""
 
     def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(asdict(self), indent=2))
         tmp.rename(path)

@@ -12,10 +12,11 @@ correct for it. Off (0) by default: fully on-policy.
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 
 import torch
 
-from mopd.config import RunConfig, StageConfig
+from mopd.config import RunConfig, SamplingConfig, StageConfig
 from mopd.data.synthetic import domain_verifier
 from mopd.diagnostics import Alarm, rollout_diagnostics
 from mopd.errors import ConfigError
@@ -53,13 +54,13 @@ def run_opd(ctx: RunContext, stage: StageConfig, config: RunConfig) -> StageOutp
         prompts = next(run.sampler)  # every rank advances the sampler: checkpoints record its position
         if ctx.is_logger:
             with run.metrics.span("generate"):
-                rollouts = prefetch.take(lambda: engine.generate(prompts, sampling))
+                rollouts = prefetch.take(lambda: engine.generate(prompts, step_sampling(config, run.step)))
             with run.metrics.span("score"):
                 routing, scores = score_batch(rollouts, teachers.teachers, teachers.router)
             rewards = verify(rollouts, ctx.tokenizer)
             if run.step + 1 < train.steps:
-                upcoming = peek(run.sampler)
-                prefetch.start(lambda: engine.generate(upcoming, sampling))
+                upcoming, upcoming_sampling = peek(run.sampler), step_sampling(config, run.step + 1)
+                prefetch.start(lambda: engine.generate(upcoming, upcoming_sampling))
         result = train_on(run, rollouts, routing, scores, loss_fn, teachers.names, rewards)
         prefetch.wait()  # the engine's weights change below; no generation may be in flight
         with run.metrics.span("sync"):
@@ -70,6 +71,13 @@ def run_opd(ctx: RunContext, stage: StageConfig, config: RunConfig) -> StageOutp
     prefetch.close()
     maybe_checkpoint(run, extra=teachers.state(), force=True)
     return finish_stage(run)
+
+
+def step_sampling(config: RunConfig, step: int) -> SamplingConfig:
+    """Sampling with a seed derived from (seed, step): rollouts depend on nothing but the weights and
+    the step, so a resumed run draws exactly what the uninterrupted run drew."""
+    base = config.rollout.sampling.seed if config.rollout.sampling.seed is not None else config.seed
+    return replace(config.rollout.sampling, seed=(base * 1_000_003 + step) % 2**31)
 
 
 def peek(sampler: PromptSampler):

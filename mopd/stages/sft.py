@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from mopd.config import RunConfig, StageConfig
+from mopd.errors import ConfigError
 from mopd.rollout.embedded import EmbeddedEngine
 from mopd.stages.batches import REFERENCE, one_hot_scores, reference_rollout, sft_loss_fn
 from mopd.stages.common import (
@@ -18,6 +19,7 @@ from mopd.stages.common import (
     train_on,
 )
 from mopd.stages.context import RunContext, StageOutput, broadcast
+from mopd.stages.opd import step_sampling
 from mopd.types import Prompt, Rollout
 
 
@@ -33,7 +35,7 @@ def run_sft(ctx: RunContext, stage: StageConfig, config: RunConfig) -> StageOutp
         if ctx.is_logger:
             prompts = next(run.sampler)
             with run.metrics.span("generate"):
-                rollouts = _targets(prompts, writers, ctx.tokenizer, config)
+                rollouts = _targets(prompts, writers, ctx.tokenizer, config, run.step)
             routing, scores = one_hot_scores(rollouts)
         else:
             next(run.sampler)  # every rank keeps the same data position for its checkpoint
@@ -52,23 +54,24 @@ def _keep_going(step: int, steps: int, tokens: int, budget: int | None) -> bool:
 
 
 def _targets(prompts: list[Prompt], writers: dict[str, EmbeddedEngine] | None, tokenizer,
-             config: RunConfig) -> list[Rollout]:
+             config: RunConfig, step: int) -> list[Rollout]:
     if writers is None:
         return [reference_rollout(p, tokenizer, config.rollout.sampling.max_new_tokens) for p in prompts]
     by_domain: dict[str, list[Prompt]] = {}
     for p in prompts:
         by_domain.setdefault(p.domain, []).append(p)
     out: list[Rollout] = []
-    sampling = replace(config.rollout.sampling, n=1)
+    sampling = replace(step_sampling(config, step), n=1)
     for domain, group in by_domain.items():
+        if domain not in writers:
+            raise ConfigError(f"sft sources write only for domains {sorted(writers)}; prompt {group[0].index} "
+                              f"has domain {domain!r}")
         out += writers[domain].generate(group, sampling)
     return out
 
 
 def _teacher_writers(ctx: RunContext, stage: StageConfig, config: RunConfig) -> dict[str, EmbeddedEngine]:
     """domain -> the engine of the source stage whose teacher entry covers that domain."""
-    from mopd.errors import ConfigError
-
     writers: dict[str, EmbeddedEngine] = {}
     for source in stage.sources:
         covering = [t for t in config.distill.teachers if t.checkpoint == source]
