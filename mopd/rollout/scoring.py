@@ -31,7 +31,7 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
 def tail_logmass(topk_logprobs: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:
     """[N] fp32 ``log(1 - sum_k exp(topk_logprobs[:, k]))`` from [N, K] logprobs of any float dtype.
 
-    The sum is formed in float64 and clamped so the tail mass is at least ``MIN_TAIL_MASS``; it is
+    The sum is formed in float32 (its rounding is far below the floor) and clamped so the tail mass is at least ``MIN_TAIL_MASS``; it is
     exactly ``-inf`` only when the top-K covers the whole vocabulary (``K == vocab_size``).
     """
     n, k = topk_logprobs.shape
@@ -39,9 +39,9 @@ def tail_logmass(topk_logprobs: torch.Tensor, vocab_size: int | None = None) -> 
         return torch.full((n,), -math.inf, dtype=torch.float32)
     if k == 0:
         return torch.zeros(n, dtype=torch.float32)
-    total = torch.logsumexp(topk_logprobs.double(), dim=-1)
+    total = torch.logsumexp(topk_logprobs.float(), dim=-1)
     total = total.clamp(max=math.log1p(-MIN_TAIL_MASS))
-    return log1mexp(total).float()
+    return log1mexp(total)
 
 
 def scores_from_logits(

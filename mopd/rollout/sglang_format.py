@@ -18,7 +18,6 @@ rows, NaN, ids that do not match the tokens sent, undecodable base64.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import math
 from collections.abc import Sequence
@@ -145,17 +144,8 @@ def parse_scores(item: dict[str, Any], request: ScoreRequest, top_k: int, teache
     if not isinstance(entries, list) or len(entries) != t + 1:
         n = len(entries) if isinstance(entries, list) else None
         raise ResponseError(f"{where}: {n} input_token_logprobs for {t} response tokens (expected {t + 1} with the null first entry)")
-    sampled = []
-    for j in range(1, t + 1):
-        lp, tok = _entry(entries[j], where, j, "input_token_logprobs")
-        # SGLang writes 0 for ids >= vocab_size - 1 in this list (a multimodal quirk); accept it.
-        if tok != ids[start + j] and tok != 0:
-            raise ResponseError(f"{where}: input_token_logprobs[{j}] is for token {tok}, the request has {ids[start + j]}")
-        sampled.append(_finite(lp, where, f"input_token_logprobs[{j}]"))
-    if "input_top_logprobs_val_flat_b64" in meta or "input_top_logprobs_val_flat" in meta:
-        top_ids, top_lp = decode_flat_top_logprobs(meta, t + 1, top_k, where)
-    else:
-        top_ids, top_lp = decode_nested_top_logprobs(meta.get("input_top_logprobs"), t + 1, top_k, where)
+    sampled = _input_token_logprobs(entries[1:], ids[start + 1 :], where)
+    top_ids, top_lp = decode_top_logprobs(meta, t + 1, top_k, where)
     if t and not bool(torch.isfinite(top_lp).all()):
         row = int((~torch.isfinite(top_lp)).any(1).nonzero()[0])
         raise ResponseError(f"{where}: non-finite top-K logprob at response position {row}")
@@ -164,10 +154,17 @@ def parse_scores(item: dict[str, Any], request: ScoreRequest, top_k: int, teache
     return TeacherScores(
         topk_ids=top_ids,
         topk_logprobs=top_lp,
-        sampled_logprob=torch.tensor(sampled, dtype=torch.float32),
+        sampled_logprob=torch.from_numpy(sampled),
         tail_logmass=tail_logmass(top_lp),
         teacher=teacher,
     )
+
+
+def decode_top_logprobs(meta: dict[str, Any], positions: int, k: int, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """([T, K] int32 ids, [T, K] fp32 logprobs) from whichever top-K format the answer carries."""
+    if "input_top_logprobs_val_flat_b64" in meta or "input_top_logprobs_val_flat" in meta:
+        return decode_flat_top_logprobs(meta, positions, k, where)
+    return decode_nested_top_logprobs(meta.get("input_top_logprobs"), positions, k, where)
 
 
 def decode_flat_top_logprobs(meta: dict[str, Any], positions: int, k: int, where: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,6 +226,25 @@ def parse_version(value: Any, default: int) -> int:
         return default
 
 
+def _input_token_logprobs(entries: list, expected_ids: list[int], where: str) -> np.ndarray:
+    """[T] fp32 logprobs of ``[[logprob, token_id, text], ...]``, checked against the ids sent."""
+    t = len(expected_ids)
+    try:
+        lps = np.fromiter((e[0] for e in entries), dtype=np.float64, count=t)
+        toks = np.fromiter((e[1] for e in entries), dtype=np.int64, count=t)
+    except (TypeError, ValueError, IndexError) as exc:
+        raise ResponseError(f"{where}: input_token_logprobs entries are not [logprob, token_id, text]: {exc}") from None
+    # SGLang writes 0 for ids >= vocab_size - 1 in this list (a multimodal quirk); accept it.
+    bad = (toks != np.asarray(expected_ids, dtype=np.int64)) & (toks != 0)
+    if bad.any():
+        j = int(bad.nonzero()[0][0])
+        raise ResponseError(f"{where}: input_token_logprobs[{j + 1}] is for token {toks[j]}, the request has {expected_ids[j]}")
+    if not np.isfinite(lps).all():
+        j = int((~np.isfinite(lps)).nonzero()[0][0])
+        raise ResponseError(f"{where}: input_token_logprobs[{j + 1}] is {lps[j]}")
+    return lps.astype(np.float32)
+
+
 def _meta(item: dict[str, Any], where: str) -> dict[str, Any]:
     meta = item.get("meta_info")
     if not isinstance(meta, dict):
@@ -250,10 +266,20 @@ def _finite(x: float, where: str, field: str) -> float:
 
 def _b64_array(text: Any, dtype: str, count: int, where: str, side: str) -> np.ndarray:
     try:
-        raw = base64.b64decode(text, validate=True)
+        raw = _b64decode(text)
     except (binascii.Error, TypeError, ValueError) as exc:
         raise ResponseError(f"{where}: input_top_logprobs_{side}_flat_b64 is not valid base64: {exc}") from None
-    arr = np.frombuffer(raw[: len(raw) // 4 * 4], dtype=dtype)
-    if arr.size != count or len(raw) % 4:
-        raise ResponseError(f"{where}: input_top_logprobs_{side}_flat_b64 holds {arr.size} values, expected {count}")
-    return arr.copy()
+    if len(raw) != 4 * count:
+        raise ResponseError(
+            f"{where}: input_top_logprobs_{side}_flat_b64 decodes to {len(raw)} bytes, expected {count} 4-byte values"
+        )
+    return np.frombuffer(raw, dtype=dtype).copy()
+
+
+def _b64decode(text: Any) -> bytes:
+    """Validating base64 decode: pybase64's SIMD decoder (what SGLang encodes with) when installed."""
+    try:
+        import pybase64
+    except ImportError:
+        return binascii.a2b_base64(text, strict_mode=True)
+    return pybase64.b64decode(text, validate=True)
