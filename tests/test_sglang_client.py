@@ -239,6 +239,20 @@ def test_a_refused_weight_update_names_the_weight_and_resumes_generation(server_
         c.close()
 
 
+def test_a_server_refusing_a_bucket_fails_the_update_at_once_and_the_group_is_not_reused(server_reset, reference):
+    sync = WeightSyncOptions(backend="gloo", master_address="127.0.0.1", timeout_s=3)
+    c = client_for(server_reset.url, sync=sync)
+    try:
+        server_reset.inject(Fault("status", path="/update_weights_from_distributed", status=400))
+        with pytest.raises(EngineError, match="update_weights_from_distributed refused the request: HTTP 400: injected"):
+            c.update_weights(new_weights(reference, seed=3), version=11)
+        assert not server_reset.paused
+        with pytest.raises(EngineError, match="weight-update group is unusable"):
+            c.update_weights(new_weights(reference, seed=3), version=12)
+    finally:
+        c.close()
+
+
 def test_disk_weight_update_writes_safetensors_and_reloads_them(server_reset, reference, tmp_path):
     c = client_for(server_reset.url, weight_sync="disk", sync=WeightSyncOptions(disk_dir=str(tmp_path)))
     try:

@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -89,6 +89,7 @@ class SGLangEngine(Engine):
         self._http = httpx.Client(limits=httpx.Limits(max_connections=config.max_in_flight), trust_env=False)
         self._pool = ThreadPoolExecutor(max_workers=config.max_in_flight, thread_name_prefix=f"sglang-{name}")
         self._group = None
+        self._group_broken = ""
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ HTTP
@@ -198,32 +199,77 @@ class SGLangEngine(Engine):
             self._control("/continue_generation", {})
 
     def _update_from_distributed(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
-        from mopd.rollout.weight_group import broadcast_tensors
-
         group = self._ensure_group()
-        device = torch.device("cuda", torch.cuda.current_device()) if self.sync.backend == "nccl" else torch.device("cpu")
         with self._paused():
             self._control("/begin_weight_update", {}, idempotent=False)
-            for bucket in _buckets(named_tensors, self.sync.bucket_bytes):
-                body = {
-                    "names": [n for n, _ in bucket],
-                    "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in bucket],
-                    "shapes": [list(t.shape) for _, t in bucket],
-                    "group_name": self.sync.group_name,
-                    "flush_cache": False,
-                    "abort_all_requests": False,
-                    "weight_version": str(version),
-                }
-                pending = [self._pool.submit(self._call, "POST", f"{u}/update_weights_from_distributed", body, idempotent=False)
-                           for u in self.worker_urls]
-                broadcast_tensors([t for _, t in bucket], group, device)
-                for f in pending:
-                    f.result()
+            self._send_buckets(named_tensors, version, group)
             self._control("/end_weight_update", {}, idempotent=False)
             self._control("/flush_cache", expect_json=False)
 
+    # Staged updates (added for mopd.sync): with pipeline parallelism every stage's first rank sends
+    # its own layers over its own group (``sync.group_name`` distinct per stage); one process (global
+    # rank 0) opens and closes the session around all of them.
+
+    def begin_staged_update(self) -> None:
+        """pause_generation, flush_cache, begin_weight_update on every worker (one process only)."""
+        self._control("/pause_generation", {"mode": "retract"})
+        try:
+            self._control("/flush_cache", expect_json=False)
+            self._control("/begin_weight_update", {}, idempotent=False)
+        except BaseException:
+            self._control("/continue_generation", {})
+            raise
+
+    def send_stage(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Broadcast this sender's tensors in buckets over its own group (between begin and end)."""
+        with self._lock:
+            self._send_buckets(named_tensors, version, self._ensure_group())
+            self.weight_version = int(version)
+
+    def end_staged_update(self, version: int) -> None:
+        """end_weight_update, flush_cache, continue_generation (continue runs even if end fails)."""
+        try:
+            self._control("/end_weight_update", {}, idempotent=False)
+            self._control("/flush_cache", expect_json=False)
+        finally:
+            self._control("/continue_generation", {})
+        self.weight_version = int(version)
+
+    def _send_buckets(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, group) -> None:
+        from mopd.rollout.weight_group import broadcast_tensors
+
+        device = torch.device("cuda", torch.cuda.current_device()) if self.sync.backend == "nccl" else torch.device("cpu")
+        for bucket in _buckets(named_tensors, self.sync.bucket_bytes):
+            body = {
+                "names": [n for n, _ in bucket],
+                "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in bucket],
+                "shapes": [list(t.shape) for _, t in bucket],
+                "group_name": self.sync.group_name,
+                "flush_cache": False,
+                "abort_all_requests": False,
+                "weight_version": str(version),
+            }
+            pending = [self._pool.submit(self._call, "POST", f"{u}/update_weights_from_distributed", body, idempotent=False)
+                       for u in self.worker_urls]
+            sending = self._pool.submit(broadcast_tensors, [t for _, t in bucket], group, device)
+            # A server that refuses the call never posts its receives: report that at once instead of
+            # blocking in the broadcast until the group timeout.
+            wait([sending, *pending], return_when=FIRST_EXCEPTION)
+            for f in pending:
+                if f.done() and f.exception() is not None:
+                    self._group_broken = f"update_weights_from_distributed of {body['names'][0]!r}... failed"
+                    raise f.exception()
+            sending.result()
+            for f in pending:
+                f.result()
+
     def _ensure_group(self):
         """Create the NCCL group once: servers join as ranks 1.., this process as rank 0."""
+        if self._group_broken:
+            raise EngineError(
+                f"engine {self.name!r}: the weight-update group is unusable ({self._group_broken}; a broadcast "
+                "may be half-sent); restart the engine and its servers"
+            )
         if self._group is not None:
             return self._group
         from mopd.rollout.weight_group import init_custom_process_group
