@@ -21,8 +21,7 @@ from mopd.config import SGLangConfig
 from mopd.errors import ConfigError, EngineError
 from mopd.rollout.embedded import EmbeddedEngine
 from mopd.rollout.engine import ScoreRequest
-from mopd.rollout.sglang_client import SGLangEngine
-from mopd.rollout.sglang_launcher import SGLangLauncher, router_spec, server_specs
+from mopd.rollout.sglang_launcher import SGLangLauncher, router_spec, server_specs, sglang_engine
 from sglang_protocol_server import load_api_types, tiny_llama
 
 FAKE_SERVER = [sys.executable, str(Path(__file__).with_name("sglang_protocol_server.py"))]
@@ -68,23 +67,23 @@ def _free_port() -> int:
 def test_a_launched_server_becomes_ready_serves_scores_and_leaves_no_process_behind(tmp_path):
     model = tiny_llama(seed=3)
     model.save_pretrained(tmp_path / "model")
-    cfg = SGLangConfig(model_path=str(tmp_path / "model"), port=_free_port())
-    launcher = SGLangLauncher(cfg, server_prefix=FAKE_SERVER, log_dir=tmp_path / "logs", ready_timeout_s=120, poll_s=0.5)
-    with launcher:
+    cfg = SGLangConfig(model_path=str(tmp_path / "model"), port=_free_port(), launch=True)
+    client = sglang_engine(cfg, name="teacher", server_prefix=FAKE_SERVER, log_dir=tmp_path / "logs",
+                           ready_timeout_s=120, poll_s=0.5)
+    launcher = client.on_close[0].__self__
+    try:
         pid = launcher.procs["sglang-server-0"].pid
         info = httpx.get(f"{launcher.endpoint}/server_info", timeout=10, trust_env=False).json()
         assert info["SGLANG_RETURN_ORIGINAL_LOGPROB"] == "1"
         assert "--tp-size 1 --base-gpu-id 0" in info["launch_command"]
-        client = SGLangEngine(cfg, endpoints=[launcher.endpoint], worker_urls=launcher.worker_urls)
-        try:
-            req = ScoreRequest(ids=torch.arange(3, 15), response_start=5)
-            got = client.score([req], top_k=6)[0]
-            want = EmbeddedEngine(model, eos_token_ids=[1], pad_token_id=0).score([req], top_k=6)[0]
-            assert torch.equal(got.topk_ids, want.topk_ids)
-            assert torch.allclose(got.topk_logprobs, want.topk_logprobs, atol=1e-5)
-            assert client.health().ok
-        finally:
-            client.close()
+        req = ScoreRequest(ids=torch.arange(3, 15), response_start=5)
+        got = client.score([req], top_k=6)[0]
+        want = EmbeddedEngine(model, eos_token_ids=[1], pad_token_id=0).score([req], top_k=6)[0]
+        assert torch.equal(got.topk_ids, want.topk_ids)
+        assert torch.allclose(got.topk_logprobs, want.topk_logprobs, atol=1e-5)
+        assert client.health().ok
+    finally:
+        client.close()  # stops the launched server too
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert launcher.procs == {}
 

@@ -91,6 +91,8 @@ class SGLangEngine(Engine):
         self._group = None
         self._group_broken = ""
         self._lock = threading.Lock()
+        self.on_close: list[Callable[[], None]] = []
+        """Run by close() after the client is shut (e.g. the launcher's stop for servers it started)."""
 
     # ------------------------------------------------------------------ HTTP
 
@@ -346,6 +348,8 @@ class SGLangEngine(Engine):
 
             dist.destroy_process_group(self._group)
             self._group = None
+        while self.on_close:
+            self.on_close.pop()()
 
 
 def _decode(resp: httpx.Response, url: str) -> Any:

@@ -203,6 +203,23 @@ class SGLangLauncher:
         self.stop()
 
 
+def sglang_engine(config: SGLangConfig, *, name: str = "sglang", sync=None, **launcher_kwargs):
+    """An SGLangEngine for ``config``: on its ``endpoints``, or, with ``launch: true``, on servers
+    started here (their ``stop`` runs when the engine is closed)."""
+    from mopd.rollout.sglang_client import SGLangEngine
+
+    if not config.launch:
+        return SGLangEngine(config, name=name, sync=sync)
+    launcher = SGLangLauncher(config, **launcher_kwargs).start()
+    try:
+        engine = SGLangEngine(config, name=name, endpoints=[launcher.endpoint], worker_urls=launcher.worker_urls, sync=sync)
+    except BaseException:
+        launcher.stop()
+        raise
+    engine.on_close.append(launcher.stop)
+    return engine
+
+
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
     try:
         os.killpg(proc.pid, sig)  # start_new_session made the pid the group id
