@@ -252,31 +252,50 @@ def _train_and_sync(layout, cfg: StudentConfig, tmp: str, *, with_sglang: bool) 
 
 
 def _sglang_cases(chunks, cfg: StudentConfig, layout, tmp: str) -> dict:
-    """Sync into a protocol server via the NCCL-group protocol (gloo here) and via disk."""
-    from mopd.config import SGLangConfig
-    from mopd.rollout.embedded import EmbeddedEngine
-    from mopd.rollout.sglang_client import SGLangEngine, WeightSyncOptions
+    """Sync into protocol servers: rank 0 the sender of one group (distributed, disk), and one
+    group per pipeline stage (staged), each stage's first rank sending its own layers."""
     from mopd.weight_sync import WeightSync
-    from sglang_protocol_server import ProtocolServer, load_api_types
+    from sglang_protocol_server import load_api_types
 
-    api = load_api_types() if layout.rank == 0 else None
-    row: dict = {"sglang_available": api is not None} if layout.rank == 0 else {}
-    for mode, version in (("distributed", 11), ("disk", 12)):
-        client = server = None
-        if api is not None:
-            server = ProtocolServer(EmbeddedEngine(hf_model(cfg.model, seed=5), eos_token_ids=[2], pad_token_id=0), api).start()
-            bodies = _record_bodies(server)
-            options = WeightSyncOptions(backend="gloo", master_address="127.0.0.1", bucket_bytes=20_000,
-                                        group_name=f"mopd-test-{mode}", disk_dir=f"{tmp}/disk")
-            client = SGLangEngine(SGLangConfig(endpoints=[server.url], weight_sync=mode, request_timeout_s=60.0),
-                                  name=f"sglang-{mode}", sync=options)
-        WeightSync(chunks, cfg.model, layout, [client] if client else []).sync(version)
+    api = load_api_types()
+    row: dict = {"sglang_available": api is not None}
+    if api is None:
+        return row
+    for mode, version in (("distributed", 11), ("disk", 12), ("staged", 13)):
+        server = _start_server(cfg, api) if layout.rank == 0 else None
+        shared = [server.url if server else None]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        client = _client(shared[0], mode, layout, tmp) if layout.rank == 0 or mode == "staged" else None
+        bodies = _record_bodies(server) if server else None
+        if mode == "staged":
+            WeightSync(chunks, cfg.model, layout, staged=[client]).sync(version)
+        else:
+            WeightSync(chunks, cfg.model, layout, [client] if client else []).sync(version)
+        torch.distributed.barrier()
         if server is not None:
             row[mode] = {"calls": list(server.calls), "bodies": bodies, "logits": engine_logits(server.engine),
                          "health_version": client.health().weight_version}
-            client.close()
             server.stop()
+        if client is not None:
+            client.close()
     return row
+
+
+def _start_server(cfg: StudentConfig, api):
+    from mopd.rollout.embedded import EmbeddedEngine
+    from sglang_protocol_server import ProtocolServer
+
+    return ProtocolServer(EmbeddedEngine(hf_model(cfg.model, seed=5), eos_token_ids=[2], pad_token_id=0), api).start()
+
+
+def _client(url: str, mode: str, layout, tmp: str):
+    from mopd.config import SGLangConfig
+    from mopd.rollout.sglang_client import SGLangEngine, WeightSyncOptions
+
+    options = WeightSyncOptions(backend="gloo", master_address="127.0.0.1", bucket_bytes=20_000,
+                                group_name=f"mopd-test-{mode}-stage{layout.pp_rank}", disk_dir=f"{tmp}/disk")
+    return SGLangEngine(SGLangConfig(endpoints=[url], weight_sync="disk" if mode == "disk" else "distributed",
+                                     request_timeout_s=60.0), name=f"sglang-{mode}", sync=options)
 
 
 def _record_bodies(server) -> list:
@@ -431,3 +450,26 @@ def test_a_refusing_consumer_is_named_and_the_other_engine_still_gets_the_whole_
     diff = (root["intact_logits"] - _last_stage_logits(results, (1, 2))).abs().max().item()
     assert diff < 1e-4 and root["intact_version"] == 22
     assert other["refusing_report"].role == "source"
+
+
+def test_staged_sglang_sync_sends_each_pipeline_stage_from_its_own_rank_inside_one_session(results):
+    from mopd.hf.mapping import expected_hf_shapes
+
+    got = _sglang(results, "staged")
+    calls = got["calls"]
+    assert calls[:3] == ["/pause_generation", "/flush_cache", "/begin_weight_update"]
+    assert calls[-3:] == ["/end_weight_update", "/flush_cache", "/continue_generation"]
+    assert sorted(set(calls[3:-3])) == ["/init_weights_update_group", "/update_weights_from_distributed"]
+    assert calls.count("/init_weights_update_group") == 2, "one weight-update group per pipeline stage"
+    bodies = [b for p, b in got["bodies"] if p == "/update_weights_from_distributed"]
+    by_stage: dict[str, list[str]] = {}
+    for b in bodies:
+        by_stage.setdefault(b["group_name"], []).extend(b["names"])
+    assert set(by_stage) == {"mopd-test-staged-stage0", "mopd-test-staged-stage1"}
+    stage0, stage1 = by_stage["mopd-test-staged-stage0"], by_stage["mopd-test-staged-stage1"]
+    assert "model.embed_tokens.weight" in stage0 and all(".layers.1." not in n for n in stage0)
+    assert "lm_head.weight" in stage1 and all(".layers.0." not in n for n in stage1)
+    assert sorted(stage0 + stage1) == sorted(expected_hf_shapes(student_config(1, 2).model))
+    assert got["health_version"] == 13
+    diff = (got["logits"] - _last_stage_logits(results, (1, 2))).abs().max().item()
+    assert diff < 1e-4, f"max |server - student| = {diff:.3g}"
