@@ -16,6 +16,7 @@ multiprocessing manager that re-imports the main module.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
@@ -166,18 +167,71 @@ def load_checkpoint(path: str | Path, model_chunks: list[torch.nn.Module], optim
     if optimizer is not None:
         if not _has_optimizer(path):
             raise CheckpointError(f"{path} holds no optimizer state (saved with save_model_weights?)")
+        _ensure_optimizer_state(optimizer)
         request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=_OPTIM_METADATA)
     if same_layout:
         request["rng_state"] = _rng_object()
     state = _load(path, request)
     _load_model(model_chunks, state)
     if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        with _torch_adam_step_skipped():
+            optimizer.load_state_dict(state["optimizer"])
+        _unshare_adam_steps(optimizer)
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
     if same_layout:
         _restore_rng(state["rng_state"])
     return {**state.get("extra", {}), "step": state.get("step")}
+
+
+def _ensure_optimizer_state(optimizer) -> None:
+    """Give a never-stepped distributed optimizer its Adam state tensors, which loading fills in place.
+
+    Without Apex/TE (torch's Adam) ``DistributedOptimizer.state_dict`` needs a step count per
+    parameter. Megatron's own initialiser takes one Adam step on zero gradients; learning rate and
+    weight decay are zeroed around it so the weights do not move.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None or inner.state or not hasattr(opt, "_init_optimizer_states_with_dummy_values"):
+            continue
+        saved = [(g["lr"], g["weight_decay"]) for g in inner.param_groups]
+        for g in inner.param_groups:
+            g["lr"], g["weight_decay"] = 0.0, 0.0
+        opt._init_optimizer_states_with_dummy_values()
+        for g, (lr, wd) in zip(inner.param_groups, saved):
+            g["lr"], g["weight_decay"] = lr, wd
+
+
+@contextlib.contextmanager
+def _torch_adam_step_skipped():
+    """Megatron 0.19.2 restores per-parameter optimizer state by copying every tensor the live state
+    holds; torch's Adam (used without Apex/TE, e.g. on CPU) also holds a ``step`` tensor, which the
+    checkpoint restores from the param groups instead, so the copy fails with KeyError 'step'. For
+    the duration of the load, a missing ``step`` reads as "nothing to copy" (the method skips None)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def tolerant(self, model_param, tensors):
+        return original(self, model_param, {"step": None, **tensors})
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = tolerant
+    try:
+        yield
+    finally:
+        DistributedOptimizer._set_main_param_and_optimizer_states = original
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """Megatron 0.19.2 gives every parameter of torch's Adam the SAME ``step`` tensor on load; Adam
+    increments each parameter's step in place, so a shared one advances once per parameter per step
+    and the bias correction goes wrong from the first resumed step. Give each parameter its own."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        for param_state in getattr(inner, "state", {}).values():
+            if isinstance(param_state.get("step"), torch.Tensor):
+                param_state["step"] = param_state["step"].clone()
 
 
 def _has_optimizer(path: Path) -> bool:
