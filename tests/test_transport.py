@@ -58,6 +58,7 @@ def test_pack_batch_keeps_segments_and_their_order():
     parts = [random_scores(n, 8, seed=n) for n in (3, 0, 5)]
     back = unpack_batch(pack_batch(parts))
     assert [p.num_tokens for p in back] == [3, 0, 5]
+    assert unpack_batch(pack_batch([])) == []
     for a, b in zip(parts, back):
         assert torch.equal(a.topk_ids, b.topk_ids) and torch.equal(a.sampled_logprob, b.sampled_logprob)
 
@@ -84,6 +85,9 @@ def _distribute_worker(rank: int, port: int, out_dir: str) -> None:
     try:
         expected = [[random_scores(5, 16, 10), random_scores(2, 16, 11)], [random_scores(9, 16, 12)]]
         results = []
+        # A rank with no rollouts this step gets an empty list.
+        empty = distribute([[], expected[1]] if rank == 0 else None, src=0)
+        results.append(f"empty:{[g.num_tokens for g in empty]}")
         for src in (0, 1):  # each rank in turn is the one that fetched the scores
             got = distribute(expected if rank == src else None, src=src)
             mine = expected[rank]
@@ -103,5 +107,5 @@ def _distribute_worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.mark.timeout(120)
 def test_distribute_sends_each_of_two_gloo_ranks_exactly_its_own_scores(tmp_path):
     mp.spawn(_distribute_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
-    assert (tmp_path / "rank0.txt").read_text() == "src0:ok:[5, 2] src1:ok:[5, 2]"
-    assert (tmp_path / "rank1.txt").read_text() == "src0:ok:[9] src1:ok:[9]"
+    assert (tmp_path / "rank0.txt").read_text() == "empty:[] src0:ok:[5, 2] src1:ok:[5, 2]"
+    assert (tmp_path / "rank1.txt").read_text() == "empty:[9] src0:ok:[9] src1:ok:[9]"

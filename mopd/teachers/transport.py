@@ -52,6 +52,8 @@ def pack_batch(parts: Sequence[TeacherScores], dtype: torch.dtype = torch.bfloat
     """Several TeacherScores of one teacher (e.g. one per rollout) as one buffer of concatenated fields."""
     if dtype not in _CODES:
         raise TeacherError(f"transport: logprob dtype {dtype} is not one of {list(_CODES)}")
+    if not parts:  # a rank with nothing to train on this step still gets a (header-only) buffer
+        return _HEADER.pack(MAGIC, VERSION, _CODES[dtype], 0, 0, 0, 0, 0)
     whole = TeacherScores.concat(list(parts))
     n, k = whole.topk_ids.shape
     name = whole.teacher.encode()
@@ -70,7 +72,10 @@ def pack_batch(parts: Sequence[TeacherScores], dtype: torch.dtype = torch.bfloat
 
 def unpack(buf: bytes | bytearray | memoryview) -> TeacherScores:
     """The concatenation of every segment of a packed buffer (tensors own their memory)."""
-    return TeacherScores.concat(unpack_batch(buf))
+    parts = unpack_batch(buf)
+    if not parts:
+        raise TeacherError("transport: the buffer holds no TeacherScores (it was packed from an empty list)")
+    return TeacherScores.concat(parts)
 
 
 def unpack_batch(buf: bytes | bytearray | memoryview) -> list[TeacherScores]:
