@@ -319,6 +319,25 @@ class _Lossy:
         self.engine.update_weights(((n, t) for n, t in named_tensors if n != self.skip), version)
 
 
+class _StagedRecorder:
+    """A staged consumer that records its calls; ``fail`` makes send_stage raise after two tensors."""
+
+    def __init__(self, fail: bool):
+        self.name, self.fail, self.calls = "staged-recorder", fail, []
+
+    def begin_staged_update(self):
+        self.calls.append("begin")
+
+    def send_stage(self, named_tensors, version):
+        for i, (name, _) in enumerate(named_tensors):
+            if self.fail and i == 2:
+                raise EngineError(f"server refused {name!r}")
+        self.calls.append(f"send {version}")
+
+    def end_staged_update(self, version):
+        self.calls.append(f"end {version}")
+
+
 def _failure_cases(chunks, cfg: StudentConfig, layout) -> dict:
     """Consumer failures on rank 0: a clear error there, every other rank finishes its sync."""
     from mopd.rollout.embedded import EmbeddedEngine
@@ -339,6 +358,12 @@ def _failure_cases(chunks, cfg: StudentConfig, layout) -> dict:
             row[f"{case}_error"] = str(exc)
         if case == "refusing" and layout.rank == 0:
             row.update(intact_logits=engine_logits(consumers[0]), intact_version=consumers[0].weight_version)
+    staged = _StagedRecorder(fail=layout.pp_rank == 1)
+    try:
+        WeightSync(chunks, cfg.model, layout, staged=[staged]).sync(31)
+    except EngineError as exc:
+        row["staged_error"] = str(exc)
+    row["staged_calls"] = staged.calls
     return row
 
 
@@ -473,3 +498,11 @@ def test_staged_sglang_sync_sends_each_pipeline_stage_from_its_own_rank_inside_o
     assert got["health_version"] == 13
     diff = (got["logits"] - _last_stage_logits(results, (1, 2))).abs().max().item()
     assert diff < 1e-4, f"max |server - student| = {diff:.3g}"
+
+
+def test_a_stage_that_fails_to_send_fails_every_rank_and_the_session_still_closes(results):
+    root, other = results[0][(1, 2)], results[1][(1, 2)]
+    for row in (root, other):
+        assert "staged weight sync of version 31 failed on rank 1: EngineError: server refused" in row["staged_error"]
+    assert root["staged_calls"] == ["begin", "send 31", "end 31"]
+    assert other["staged_calls"] == []
