@@ -162,6 +162,14 @@ def _refusal(chunks, optimizer, scheduler, layout, loss_fn) -> dict:
     return {"message": message, "unchanged": unchanged}
 
 
+def _groups(layout) -> dict:
+    import torch.distributed as dist
+
+    return {"coords": (layout.tp_rank, layout.pp_rank, layout.dp_rank), "stages": layout.ranks_per_stage,
+            "edges": (layout.is_first_stage, layout.is_last_stage),
+            **{name: dist.get_process_group_ranks(getattr(layout, f"{name}_group")) for name in ("tp", "pp", "dp")}}
+
+
 def _layouts_worker(rank: int, world: int, weights: str) -> dict:
     from mopd.parallel import destroy_parallel, init_parallel
 
@@ -169,6 +177,7 @@ def _layouts_worker(rank: int, world: int, weights: str) -> dict:
     for tp, pp in LAYOUTS:
         cfg = student_config(tp, pp)
         layout = init_parallel(cfg.parallel, seed=7)
+        out[("groups", tp, pp)] = _groups(layout)
         chunks, optimizer, scheduler, history = _train(cfg, layout, weights)
         out[(tp, pp)] = history
         if (tp, pp) == (2, 2):
@@ -238,3 +247,72 @@ def test_a_nan_gradient_with_a_finite_loss_raises_before_the_weights_change(runs
         assert "step 41" in result["message"]
         assert result["unchanged"], f"rank {rank}: weights changed"
     assert not math.isnan(layouts[0][(1, 1)][0][0])
+
+
+@pytest.mark.parametrize("tp,pp", LAYOUTS, ids=[f"tp{t}xpp{p}" for t, p in LAYOUTS])
+def test_megatron_process_groups_agree_with_the_pure_layout_plan(runs, tp, pp):
+    from mopd.parallel import plan_layout
+
+    _, layouts = runs
+    plan = plan_layout(ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp), 4)
+    coords = {r: plan.coordinates(r) for r in range(4)}
+    for rank, out in enumerate(layouts):
+        g = out[("groups", tp, pp)]
+        t, p, d = coords[rank]
+        assert g["coords"] == (t, p, d) and g["stages"] == plan.ranks_per_stage
+        assert g["edges"] == (p == 0, p == pp - 1)
+        assert g["tp"] == [r for r in range(4) if coords[r][1:] == (p, d)]
+        assert g["pp"] == [r for r in range(4) if (coords[r][0], coords[r][2]) == (t, d)]
+        assert g["dp"] == [r for r in range(4) if coords[r][:2] == (t, p)]
+
+
+def _cpu_layout(tp: int = 1, pp: int = 1):
+    from mopd.parallel import ParallelLayout
+
+    stages = tuple(tuple(range(s * tp, (s + 1) * tp)) for s in range(pp))
+    return ParallelLayout(tp=tp, pp=pp, dp=1, world_size=tp * pp, rank=0, tp_rank=0, pp_rank=0, dp_rank=0,
+                          is_first_stage=True, is_last_stage=pp == 1, ranks_per_stage=stages,
+                          device=torch.device("cpu"), tp_group=None, pp_group=None, dp_group=None,
+                          mp_group=None, pgs=None)
+
+
+def test_vocabulary_pads_to_a_multiple_of_the_divisor_times_tp():
+    from mopd.student import padded_vocab_size
+
+    assert padded_vocab_size(ModelConfig(vocab_size=151936, make_vocab_size_divisible_by=128), 8) == 152576
+    assert padded_vocab_size(ModelConfig(vocab_size=128, make_vocab_size_divisible_by=64), 2) == 128
+    assert padded_vocab_size(ModelConfig(vocab_size=129, make_vocab_size_divisible_by=64), 1) == 192
+
+
+def test_transformer_config_carries_the_qwen_fields():
+    from dataclasses import replace
+
+    from mopd.config import Dtype, Family, PrecisionConfig
+    from mopd.student import transformer_config
+
+    model = ModelConfig(family=Family.qwen3, num_layers=4, hidden_size=64, num_attention_heads=8,
+                        num_query_groups=2, head_dim=16, qk_layernorm=True, add_qkv_bias=True,
+                        rms_norm_eps=1e-5, ffn_hidden_size=96)
+    cfg = replace(student_config(2, 2), model=model, precision=PrecisionConfig(dtype=Dtype.bf16))
+    tc = transformer_config(cfg, _cpu_layout(2, 2))
+    assert (tc.num_query_groups, tc.kv_channels, tc.qk_layernorm, tc.add_qkv_bias) == (2, 16, True, True)
+    assert (tc.normalization, tc.layernorm_epsilon, tc.gated_linear_unit, tc.add_bias_linear) == ("RMSNorm", 1e-5, True, False)
+    assert tc.activation_func is torch.nn.functional.silu
+    assert (tc.tensor_model_parallel_size, tc.pipeline_model_parallel_size) == (2, 2)
+    assert tc.bf16 and tc.params_dtype == torch.bfloat16 and tc.pipeline_dtype == torch.bfloat16
+    assert tc.hidden_dropout == 0.0 and tc.attention_dropout == 0.0 and tc.fp8 is None
+
+
+def test_an_fp8_recipe_without_transformer_engine_names_the_config_key():
+    from dataclasses import replace
+
+    from mopd.config import Dtype, Fp8Recipe, PrecisionConfig
+    from mopd.errors import ConfigError
+    from mopd.student import transformer_config
+    from mopd.student.model import have_transformer_engine
+
+    if have_transformer_engine():
+        pytest.skip("Transformer Engine is importable here")
+    cfg = replace(student_config(), precision=PrecisionConfig(dtype=Dtype.bf16, fp8=Fp8Recipe.blockwise))
+    with pytest.raises(ConfigError, match=r"student\.precision\.fp8=blockwise"):
+        transformer_config(cfg, _cpu_layout())
