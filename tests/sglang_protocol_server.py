@@ -74,7 +74,7 @@ def load_api_types() -> ModuleType | None:
 
 @dataclass
 class Fault:
-    """Misbehaviour for the next matching calls: close | delay | garbage | bad_b64 | nan | wrong_count | status."""
+    """Misbehaviour for the next matching calls: close | delay | garbage | bad_b64 | nan | abort | wrong_count | status."""
 
     kind: str
     path: str = "/generate"
@@ -394,6 +394,8 @@ def _corrupt(payload: Any, kind: str) -> Any:
         meta["input_top_logprobs_val_flat_b64"] = base64.b64encode(bytes(vals)).decode()
     elif kind == "nan" and "output_token_logprobs" in meta:
         meta["output_token_logprobs"][0][0] = math.nan
+    elif kind == "abort":  # what a pause_generation(mode="abort") does to a running request
+        meta["finish_reason"] = {"type": "abort", "message": "Abort in waiting queue"}
     elif kind == "wrong_count":
         for key in ("input_token_logprobs", "output_token_logprobs"):
             if meta.get(key):

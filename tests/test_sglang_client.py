@@ -172,6 +172,7 @@ def test_a_bad_parameter_gets_the_servers_400_message_and_no_retry(server_reset,
     ("garbage", "answered malformed JSON"),
     ("bad_b64", "input_top_logprobs_val_flat_b64 is not valid base64"),
     ("nan", "non-finite top-K logprob at response position 0"),
+    ("abort", "the server aborted the scoring request \\('Abort in waiting queue'\\)"),
     ("wrong_count", r"6 input_token_logprobs for 6 response tokens \(expected 7 with the null first entry\)"),
 ])
 def test_malformed_answers_are_engine_errors_never_empty_scores(server_reset, client, kind, message):

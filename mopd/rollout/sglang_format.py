@@ -138,6 +138,9 @@ def parse_rollout(item: dict[str, Any], prompt: Prompt, where: str, default_vers
 def parse_scores(item: dict[str, Any], request: ScoreRequest, top_k: int, teacher: str, where: str) -> TeacherScores:
     """One prefill-only result: T rows of top-K and the sampled-token logprobs of the response."""
     meta = _meta(item, where)
+    finish = meta.get("finish_reason")
+    if isinstance(finish, dict) and finish.get("type") == "abort":
+        raise ResponseError(f"{where}: the server aborted the scoring request ({finish.get('message')!r})")
     ids = request.ids.tolist()
     start, t = request.response_start - 1, len(ids) - request.response_start
     entries = meta.get("input_token_logprobs")
