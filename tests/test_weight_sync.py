@@ -1,11 +1,12 @@
 """Weight sync from the Megatron student into engines and tracking teachers.
 
-One 2-rank gloo spawn runs every layout (TP=2, PP=2, and DP=2 at TP=PP=1): the student trains 3
-steps and syncs after each into an embedded rollout engine, an EMA self-teacher and a recorder (one
-stream, three consumers). At PP=2 the same spawn also syncs into a protocol-compatible SGLang
-server over a real weight-update group (gloo) and from disk, and checks that a consumer failure
-neither hangs the other ranks nor starves the other consumers. The pure checks (buckets, checksums,
-fan-out) run in the test process.
+One 4-rank gloo spawn runs every layout (TP2xPP2, TP2xDP2, PP2xDP2, so every role: root, TP
+gather, stage source, idle DP replica): the student trains 3 steps and syncs after each into an
+embedded rollout engine, an EMA self-teacher and a recorder (one stream, three consumers). At
+TP2xPP2 the same spawn also syncs into protocol-compatible SGLang servers over real weight-update
+groups (gloo): from rank 0, from disk, and staged (one sender and group per pipeline stage), and
+checks that consumer failures neither hang the other ranks nor starve the other consumers. The
+pure checks (buckets, checksums, fan-out) run in the test process.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from mopd.weight_sync import bucket_tensors, checksum, fan_out, tensor_bytes
 pytestmark = pytest.mark.timeout(300)
 
 VOCAB, STEPS, DECAY = 100, 3, 0.6
-LAYOUTS = ((2, 1), (1, 2), (1, 1))
+LAYOUTS = ((2, 2), (2, 1), (1, 2))  # on 4 ranks: TP2xPP2, TP2xDP2, PP2xDP2
+WORLD, SGLANG_LAYOUT = 4, (2, 2)
 IDS = torch.tensor([[1, 5, 17, 42, 99, 3, 64, 8, 23], [1, 77, 2, 9, 31, 50, 11, 0, 60]])
 
 
@@ -210,7 +212,7 @@ def _worker(rank: int, world: int, tmp: str) -> dict:
     out = {}
     for tp, pp in LAYOUTS:
         layout = init_parallel(ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp), seed=3)
-        out[(tp, pp)] = _train_and_sync(layout, student_config(tp, pp), tmp, with_sglang=pp == 2)
+        out[(tp, pp)] = _train_and_sync(layout, student_config(tp, pp), tmp, with_sglang=(tp, pp) == SGLANG_LAYOUT)
         destroy_parallel()
     return out
 
@@ -265,7 +267,8 @@ def _sglang_cases(chunks, cfg: StudentConfig, layout, tmp: str) -> dict:
         server = _start_server(cfg, api) if layout.rank == 0 else None
         shared = [server.url if server else None]
         torch.distributed.broadcast_object_list(shared, src=0)
-        client = _client(shared[0], mode, layout, tmp) if layout.rank == 0 or mode == "staged" else None
+        stage_source = layout.tp_rank == 0 and layout.dp_rank == 0
+        client = _client(shared[0], mode, layout, tmp) if layout.rank == 0 or (mode == "staged" and stage_source) else None
         bodies = _record_bodies(server) if server else None
         if mode == "staged":
             WeightSync(chunks, cfg.model, layout, staged=[client]).sync(version)
@@ -369,7 +372,7 @@ def _failure_cases(chunks, cfg: StudentConfig, layout) -> dict:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> list[dict]:
-    return run_on_ranks(_worker, 2, str(tmp_path_factory.mktemp("weight_sync")), timeout=280)
+    return run_on_ranks(_worker, WORLD, str(tmp_path_factory.mktemp("weight_sync")), timeout=280)
 
 
 def _last_stage_logits(results: list[dict], layout) -> torch.Tensor:
@@ -421,17 +424,18 @@ def test_ema_self_teacher_holds_the_float64_ema_of_the_streamed_student_weights(
 def test_each_rank_plays_its_role_and_rank_zero_streams_every_byte(results, layout):
     tp, pp = layout
     roles = [r[layout]["reports"][-1].role for r in results]
-    assert roles == ["root", {(2, 1): "gather", (1, 2): "source", (1, 1): "idle"}[layout]]
+    assert roles == {(2, 2): ["root", "gather", "source", "gather"], (2, 1): ["root", "gather", "idle", "idle"],
+                     (1, 2): ["root", "idle", "source", "idle"]}[layout]
     root = results[0][layout]["reports"][-1]
     model_bytes = sum(t.numel() * 4 for t in results[0][layout]["streamed"][STEPS].values())
     assert root.nbytes == model_bytes and root.consumers == ("rollout", "ema", "recorder")
     if pp == 2:
-        sent = results[1][layout]["reports"][-1]
+        sent = results[roles.index("source")][layout]["reports"][-1]
         assert 0 < sent.tensors < root.tensors and 0 < sent.nbytes < root.nbytes
 
 
 def _sglang(results, mode: str) -> dict:
-    root = results[0][(1, 2)]
+    root = results[0][SGLANG_LAYOUT]
     if not root["sglang_available"]:
         pytest.skip("sglang/api/v1/api_types.py not installed: pip install --no-deps sglang==0.5.23")
     return root[mode]
@@ -449,9 +453,9 @@ def test_sglang_distributed_sync_runs_the_refit_sequence_in_bounded_buckets_and_
     names = [n for b in bodies for n in b["names"]]
     from mopd.hf.mapping import expected_hf_shapes
 
-    assert sorted(names) == sorted(expected_hf_shapes(student_config(1, 2).model)) and len(set(names)) == len(names)
+    assert sorted(names) == sorted(expected_hf_shapes(student_config(*SGLANG_LAYOUT).model)) and len(set(names)) == len(names)
     assert {b["weight_version"] for b in bodies} == {"11"} and got["health_version"] == 11
-    diff = (got["logits"] - _last_stage_logits(results, (1, 2))).abs().max().item()
+    diff = (got["logits"] - _last_stage_logits(results, SGLANG_LAYOUT)).abs().max().item()
     assert diff < 1e-4, f"max |server - student| = {diff:.3g}"
 
 
@@ -459,22 +463,22 @@ def test_sglang_disk_sync_reloads_the_students_weights_end_to_end(results):
     got = _sglang(results, "disk")
     assert got["calls"] == ["/pause_generation", "/flush_cache", "/update_weights_from_disk", "/continue_generation"]
     assert got["health_version"] == 12
-    diff = (got["logits"] - _last_stage_logits(results, (1, 2))).abs().max().item()
+    diff = (got["logits"] - _last_stage_logits(results, SGLANG_LAYOUT)).abs().max().item()
     assert diff < 1e-4, f"max |server - student| = {diff:.3g}"
 
 
 def test_verify_names_a_tensor_an_engine_did_not_load_and_other_ranks_finish(results):
-    root, other = results[0][(1, 2)], results[1][(1, 2)]
+    root = results[0][SGLANG_LAYOUT]
     assert "holds a different 'model.norm.weight'" in root["lossy_error"]
-    assert other["lossy_report"].role == "source"
+    assert [r[SGLANG_LAYOUT]["lossy_report"].role for r in results[1:]] == ["gather", "source", "gather"]
 
 
 def test_a_refusing_consumer_is_named_and_the_other_engine_still_gets_the_whole_model(results):
-    root, other = results[0][(1, 2)], results[1][(1, 2)]
+    root = results[0][SGLANG_LAYOUT]
     assert "refuser: refused" in root["refusing_error"]
-    diff = (root["intact_logits"] - _last_stage_logits(results, (1, 2))).abs().max().item()
+    diff = (root["intact_logits"] - _last_stage_logits(results, SGLANG_LAYOUT)).abs().max().item()
     assert diff < 1e-4 and root["intact_version"] == 22
-    assert other["refusing_report"].role == "source"
+    assert [r[SGLANG_LAYOUT]["refusing_report"].role for r in results[1:]] == ["gather", "source", "gather"]
 
 
 def test_staged_sglang_sync_sends_each_pipeline_stage_from_its_own_rank_inside_one_session(results):
@@ -494,15 +498,14 @@ def test_staged_sglang_sync_sends_each_pipeline_stage_from_its_own_rank_inside_o
     stage0, stage1 = by_stage["mopd-test-staged-stage0"], by_stage["mopd-test-staged-stage1"]
     assert "model.embed_tokens.weight" in stage0 and all(".layers.1." not in n for n in stage0)
     assert "lm_head.weight" in stage1 and all(".layers.0." not in n for n in stage1)
-    assert sorted(stage0 + stage1) == sorted(expected_hf_shapes(student_config(1, 2).model))
+    assert sorted(stage0 + stage1) == sorted(expected_hf_shapes(student_config(*SGLANG_LAYOUT).model))
     assert got["health_version"] == 13
-    diff = (got["logits"] - _last_stage_logits(results, (1, 2))).abs().max().item()
+    diff = (got["logits"] - _last_stage_logits(results, SGLANG_LAYOUT)).abs().max().item()
     assert diff < 1e-4, f"max |server - student| = {diff:.3g}"
 
 
 def test_a_stage_that_fails_to_send_fails_every_rank_and_the_session_still_closes(results):
-    root, other = results[0][(1, 2)], results[1][(1, 2)]
-    for row in (root, other):
-        assert "staged weight sync of version 31 failed on rank 1: EngineError: server refused" in row["staged_error"]
-    assert root["staged_calls"] == ["begin", "send 31", "end 31"]
-    assert other["staged_calls"] == []
+    rows = [r[SGLANG_LAYOUT] for r in results]
+    for row in rows:
+        assert "staged weight sync of version 31 failed on rank 2: EngineError: server refused" in row["staged_error"]
+    assert [row["staged_calls"] for row in rows] == [["begin", "send 31", "end 31"], [], [], []]
