@@ -94,20 +94,24 @@ def _check_list_items(schema: type, node: Any, path: str) -> None:
     hints = get_type_hints(schema)
     for key in node.keys():
         hint = hints.get(str(key))
-        if hint is None:
-            continue  # unknown keys are reported by the main merge, with their full path
-        value = node[key]
+        child = node._get_node(key)
+        if hint is None or child is None or child._is_interpolation():
+            continue  # unknown keys are reported by the main merge; interpolations resolve against the root
         sub = f"{path}.{key}" if path else str(key)
         if dataclasses.is_dataclass(hint):
             _check_list_items(hint, node[key], sub)
         elif getattr(hint, "__origin__", None) is list and dataclasses.is_dataclass(hint.__args__[0]):
-            for i, item in enumerate(value or []):
+            for i, item in enumerate(node[key] or []):
                 item_path = f"{sub}[{i}]"
                 _check_list_items(hint.__args__[0], item, item_path)  # innermost errors first
-                try:
-                    OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(hint.__args__[0]), item))
+                plain = OmegaConf.to_container(item, resolve=False) if isinstance(item, DictConfig) else item
+                try:  # merging checks keys and types; interpolations resolve later, against the root
+                    merged = OmegaConf.merge(OmegaConf.structured(hint.__args__[0]), plain)
                 except OmegaConfBaseException as exc:
                     raise _explain(exc, hint.__args__[0], prefix=item_path + ".") from None
+                missing = [f.name for f in dataclasses.fields(hint.__args__[0]) if OmegaConf.is_missing(merged, f.name)]
+                if missing:
+                    raise ConfigError(f"{item_path}.{missing[0]}: required key is missing")
 
 
 def _explain(exc: OmegaConfBaseException, schema: type, prefix: str = "") -> ConfigError:

@@ -53,6 +53,11 @@ class DataConfig:
     """"char" builds the offline character tokenizer (synthetic demo); otherwise an HF tokenizer directory."""
     pi_mode: str = "answer"
     """Synthetic data: privileged information shown to a PI self-teacher (answer, hint or none)."""
+    pi_in_prompt: float = 0.0
+    """sft stages: fraction of training prompts shown with their PI through pi_template, so a base
+    learns to use privileged context (what a PI self-teacher relies on)."""
+    pi_template: str = "{pi}\n\n{prompt}"
+    """How PI and prompt are joined for pi_in_prompt (use the same template as the self-teacher)."""
     enable_thinking: bool | None = None
     """Passed to the tokenizer's chat template as ``enable_thinking`` (Qwen3-style thinking on/off);
     null passes nothing. Ignored when the tokenizer has no chat template."""
@@ -61,6 +66,10 @@ class DataConfig:
         out = positive(self, "max_prompt_tokens", "num_prompts")
         if self.source not in ("synthetic", "jsonl", "hf"):
             out.append(Problem("source", self.source, "must be one of ['hf', 'jsonl', 'synthetic']"))
+        if not 0.0 <= self.pi_in_prompt <= 1.0:
+            out.append(Problem("pi_in_prompt", self.pi_in_prompt, "must be in [0, 1]"))
+        if "{pi}" not in self.pi_template or "{prompt}" not in self.pi_template:
+            out.append(Problem("pi_template", self.pi_template, "must contain {pi} and {prompt}"))
         if self.pi_mode not in ("answer", "hint", "none"):
             out.append(Problem("pi_mode", self.pi_mode, "must be one of ['answer', 'hint', 'none']"))
         if self.source in ("jsonl", "hf") and not self.path:

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import torch
+
 from mopd.config import RunConfig, StageConfig
+from mopd.data.sources import PromptRenderer
 from mopd.errors import ConfigError
 from mopd.rollout.embedded import EmbeddedEngine
 from mopd.stages.batches import REFERENCE, one_hot_scores, reference_rollout, sft_loss_fn
@@ -33,7 +36,7 @@ def run_sft(ctx: RunContext, stage: StageConfig, config: RunConfig) -> StageOutp
     while _keep_going(run.step, train.steps, run.teacher_tokens, budget):
         rollouts = routing = scores = None
         if ctx.is_logger:
-            prompts = next(run.sampler)
+            prompts = with_pi(next(run.sampler), config, ctx.tokenizer)
             with run.metrics.span("generate"):
                 rollouts = _targets(prompts, writers, ctx.tokenizer, config, run.step)
             routing, scores = one_hot_scores(rollouts)
@@ -45,6 +48,20 @@ def run_sft(ctx: RunContext, stage: StageConfig, config: RunConfig) -> StageOutp
         maybe_evaluate(run, None)
     maybe_checkpoint(run, force=True)
     return finish_stage(run)
+
+
+def with_pi(prompts: list[Prompt], config: RunConfig, tokenizer) -> list[Prompt]:
+    """Show a stable ``data.pi_in_prompt`` share of prompts (chosen by prompt index) with their PI."""
+    share = config.data.pi_in_prompt
+    if share <= 0.0:
+        return prompts
+    render, out = PromptRenderer(tokenizer), []
+    for p in prompts:
+        if p.pi is not None and (p.index * 0.6180339887) % 1.0 < share:
+            text = config.data.pi_template.format(pi=p.pi, prompt=p.text)
+            p = replace(p, ids=torch.tensor(render(text), dtype=torch.long), text=text)
+        out.append(p)
+    return out
 
 
 def _keep_going(step: int, steps: int, tokens: int, budget: int | None) -> bool:
