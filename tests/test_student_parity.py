@@ -170,6 +170,15 @@ def _groups(layout) -> dict:
             **{name: dist.get_process_group_ranks(getattr(layout, f"{name}_group")) for name in ("tp", "pp", "dp")}}
 
 
+def _broadcast_check(layout) -> bool:
+    from mopd.student import broadcast_micro_batches
+
+    want = shard(global_batch(3), layout.dp, layout.dp_rank)
+    got = broadcast_micro_batches(want if layout.tp_rank == 0 and layout.pp_rank == 0 else None, layout)
+    return len(got) == len(want) and all(torch.equal(g.tokens, w.tokens) and torch.equal(g.loss_mask, w.loss_mask)
+                                         for g, w in zip(got, want))
+
+
 def _layouts_worker(rank: int, world: int, weights: str) -> dict:
     from mopd.parallel import destroy_parallel, init_parallel
 
@@ -181,6 +190,7 @@ def _layouts_worker(rank: int, world: int, weights: str) -> dict:
         chunks, optimizer, scheduler, history = _train(cfg, layout, weights)
         out[(tp, pp)] = history
         if (tp, pp) == (2, 2):
+            out["broadcast"] = _broadcast_check(layout)
             out["nan_loss"] = _refusal(chunks, optimizer, scheduler, layout, _nan_loss_at_teacher_one)
             out["nan_grad"] = _refusal(chunks, optimizer, scheduler, layout, _nan_grad)
         destroy_parallel()
@@ -227,6 +237,11 @@ def test_four_data_parallel_ranks_equal_four_micro_batches_with_unequal_token_co
     for step in range(STEPS):
         dp4, dp1 = layouts[0][(1, 1)][step], reference["history"][step]
         assert _rel(dp4[0], dp1[0]) < REL_TOL and _rel(dp4[1], dp1[1]) < REL_TOL, (step, dp4, dp1)
+
+
+def test_micro_batches_broadcast_from_the_first_rank_reach_every_tp_and_pp_rank(runs):
+    _, layouts = runs
+    assert all(out["broadcast"] for out in layouts)
 
 
 def test_a_nan_loss_raises_naming_the_step_and_teacher_before_the_weights_change(runs):

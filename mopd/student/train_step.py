@@ -72,6 +72,22 @@ def pad_batch(batch: TrainBatch, rows: int, length: int) -> TrainBatch:
     return TrainBatch(**out)
 
 
+def broadcast_micro_batches(micro_batches: list[TrainBatch] | None, layout: ParallelLayout) -> list[TrainBatch]:
+    """Copy this DP replica's micro-batches from its first rank (TP 0 of stage 0) to all its TP/PP ranks.
+
+    For callers whose data lives on one rank per replica; ``train_step`` needs them on every rank
+    (the first stage embeds the tokens, the last computes the loss). Other ranks pass None.
+    """
+    if layout.tp * layout.pp == 1:
+        return list(micro_batches or [])
+    box = [None if micro_batches is None else [b.to("cpu") for b in micro_batches]]
+    # The replica's lowest global rank is its TP 0 / stage 0 rank, and group rank 0 of mp_group.
+    dist.broadcast_object_list(box, group=layout.mp_group, group_src=0)
+    if box[0] is None:
+        raise DataError("broadcast_micro_batches: the replica's first rank (TP 0, stage 0) passed no micro-batches")
+    return box[0]
+
+
 def _common_shape(micro_batches: list[TrainBatch], layout: ParallelLayout, sequence_parallel: bool) -> tuple[int, int]:
     rows = max(int(b.tokens.shape[0]) for b in micro_batches)
     length = max(int(b.tokens.shape[1]) for b in micro_batches)
