@@ -96,7 +96,7 @@ class ProtocolServer:
         self.calls: list[str] = []
         self.faults: list[Fault] = []
         self.paused = self.in_update_session = False
-        self.active = 0
+        self.active = self.max_active = 0
         self.groups: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._engine_lock = threading.Lock()
@@ -147,6 +147,7 @@ class ProtocolServer:
             return 400, {"error": {"message": str(exc), "code": 400}}
         with self._lock:
             self.active += 1
+            self.max_active = max(self.max_active, self.active)
         try:
             with self._engine_lock:
                 results = self._run(items)

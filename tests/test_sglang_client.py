@@ -131,6 +131,18 @@ def test_sglangs_contract_gate_rejects_unknown_sampling_keys_and_the_client_neve
     server_reset.violations.remove(next(v for v in server_reset.violations if "max_tokens" in v))
 
 
+def test_no_more_than_max_in_flight_calls_reach_the_server_at_once(server_reset, reference):
+    server_reset.inject(Fault("delay", delay_s=0.05, times=100))
+    server_reset.max_active = 0
+    c = SGLangEngine(SGLangConfig(endpoints=[server_reset.url], max_in_flight=2), chunk_size=1)
+    try:
+        reqs = score_requests() * 2
+        assert_same_scores(c.score(reqs, top_k=4), reference.score(reqs, top_k=4))
+    finally:
+        c.close()
+    assert 1 <= server_reset.max_active <= 2
+
+
 def test_a_socket_closed_mid_batch_is_retried_and_scores_stay_correct(server_reset, client, reference):
     server_reset.inject(Fault("close", skip=1, times=1))
     reqs = score_requests()
@@ -197,6 +209,20 @@ def test_an_unreachable_server_is_an_engine_error_naming_it():
             c.score(score_requests()[:1], top_k=4)
         health = c.health()
         assert not health.ok and f"127.0.0.1:{port}/health" in health.detail
+    finally:
+        c.close()
+
+
+def test_idempotent_chunks_fail_over_from_a_dead_endpoint_to_a_live_one(server_reset, reference):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    c = SGLangEngine(SGLangConfig(endpoints=[dead, server_reset.url], retries=0, max_in_flight=2), chunk_size=1)
+    try:
+        reqs = score_requests()
+        assert_same_scores(c.score(reqs, top_k=4), reference.score(reqs, top_k=4))
+        with pytest.raises(EngineError, match=f"{dead}/generate: unreachable"):
+            c.generate(prompts(), SamplingConfig(max_new_tokens=2))  # unseeded: not retried elsewhere
     finally:
         c.close()
 

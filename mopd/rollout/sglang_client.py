@@ -1,7 +1,9 @@
 """SGLangEngine: an HTTP client of SGLang 0.5.23's native API (generation, scoring, weight updates).
 
 * Requests are cut into chunks of ``chunk_size`` sequences; each chunk is one batch ``/generate``
-  call, sent round-robin to the endpoints, at most ``max_in_flight`` calls at once.
+  call, sent round-robin to the endpoints (servers, or one sglang_router), at most
+  ``max_in_flight`` calls at once; an idempotent chunk fails over to the next endpoint.
+  Weight updates and control calls go to ``worker_urls`` (every server, never the router).
 * The n samples of a prompt are sent as n separate batch entries, each with its own
   ``sampling_seed`` (``derive_seed``): SGLang hashes (seed, position) per token, so one shared seed
   would make the n samples identical. Order stays prompt-major.
@@ -36,6 +38,10 @@ from mopd.rollout import sglang_format as fmt
 from mopd.rollout.engine import Engine, Health, ScoreRequest
 from mopd.rollout.scoring import derive_seed
 from mopd.types import Prompt, Rollout, TeacherScores
+
+
+class UnavailableError(EngineError):
+    """A server did not answer (connection refused or dropped, timeout, 5xx) within the retries."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,14 +124,27 @@ class SGLangEngine(Engine):
                 problem = f"HTTP {resp.status_code}: {message}"
             if attempt + 1 < attempts:
                 time.sleep(self.backoff_s * 2**attempt)
-        raise EngineError(f"engine {self.name!r}: {url}: {problem} (after {attempts} attempt(s))")
+        raise UnavailableError(f"engine {self.name!r}: {url}: {problem} (after {attempts} attempt(s))")
 
-    def _map_chunks(self, items: Sequence[Any], work: Callable[[str, int, int], list[Any]]) -> list[Any]:
-        """Run ``work(endpoint, lo, hi)`` over chunks of ``items`` concurrently; results in input order."""
+    def _map_chunks(self, items: Sequence[Any], work: Callable[[str, int, int], list[Any]], idempotent: bool) -> list[Any]:
+        """Run ``work(endpoint, lo, hi)`` over chunks of ``items`` concurrently; results in input order.
+
+        Chunks go round-robin over the endpoints; an idempotent chunk whose endpoint is unavailable
+        (after its retries) moves on to the next endpoint, so one dead server does not fail a batch.
+        """
+        def failover(c: int, lo: int, hi: int) -> list[Any]:
+            tries = len(self.endpoints) if idempotent else 1
+            for i in range(tries):
+                try:
+                    return work(self.endpoints[(c + i) % len(self.endpoints)], lo, hi)
+                except UnavailableError:
+                    if i + 1 == tries:
+                        raise
+            raise AssertionError("unreachable")
+
         futures: list[Future] = []
         for c, lo in enumerate(range(0, len(items), self.chunk_size)):
-            url = self.endpoints[c % len(self.endpoints)]
-            futures.append(self._pool.submit(work, url, lo, min(lo + self.chunk_size, len(items))))
+            futures.append(self._pool.submit(failover, c, lo, min(lo + self.chunk_size, len(items))))
         out: list[Any] = []
         for f in futures:
             out += f.result()
@@ -145,7 +164,7 @@ class SGLangEngine(Engine):
             return [self._rollout(item, expanded[lo + i], sampling, f"{url}/generate (sequence {lo + i})")
                     for i, item in enumerate(items)]
 
-        return self._map_chunks(expanded, work)
+        return self._map_chunks(expanded, work, idempotent=sampling.seed is not None)
 
     def _rollout(self, item: dict, prompt: Prompt, sampling: SamplingConfig, where: str) -> Rollout:
         r = fmt.parse_rollout(item, prompt, f"engine {self.name!r}: {where}", self.weight_version)
@@ -170,7 +189,7 @@ class SGLangEngine(Engine):
                                      f"engine {self.name!r}: {url}/generate (score request {lo + i})")
                     for i, item in enumerate(items)]
 
-        return self._map_chunks(requests, work)
+        return self._map_chunks(requests, work, idempotent=True)
 
     # ------------------------------------------------------------------ weight updates
 
