@@ -24,6 +24,10 @@ additionally the HF tensors of one Megatron tensor group (a fused QKV or gate/up
 for a staged SGLang consumer one bucket. Rank 0: the same plus, with several in-process consumers,
 the fan-out buffer (at most ``3 * bucket_bytes``, shared by all consumers; see ``streams.fan_out``).
 With one consumer the stream goes straight in. Never the whole model.
+
+Freshness: the stream reads the model's parameters, which Megatron's distributed optimizer
+all-gathers at the end of ``step()`` (``overlap_param_gather=False``, as ``build_model`` sets it).
+With ``overlap_param_gather=True`` the caller must finish that all-gather before ``sync``.
 """
 
 from __future__ import annotations
@@ -91,7 +95,7 @@ class WeightSync:
         self.consumers = list(consumers) if layout.rank == 0 else []
         self.staged = list(staged) if self.is_stage_source else []
         self.bucket_bytes, self.verify = bucket_bytes, verify
-        rounds = torch.tensor([len(self.consumers), len(self.staged)])
+        rounds = torch.tensor([len(self.consumers), len(self.staged)], device=layout.device)  # NCCL: on the GPU
         dist.all_reduce(rounds, op=dist.ReduceOp.MAX)
         self._in_process_round, self._staged_round = bool(rounds[0]), bool(rounds[1])
         if self._staged_round and self.is_stage_source and not self.staged:
