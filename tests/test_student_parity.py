@@ -121,7 +121,25 @@ def _reference_worker(rank: int, world: int, weights: str) -> dict:
     _, _, _, history = _train(cfg, layout, weights)
     fresh = build_model(cfg, layout, wrap_ddp=False)
     load_model_weights(weights, fresh)
-    return {"history": history, "float64_loss": float64_reference_loss(fresh[0], global_batch(0))}
+    return {"history": history, "float64_loss": float64_reference_loss(fresh[0], global_batch(0)),
+            **_mixed_precision_runs(weights)}
+
+
+def _mixed_precision_runs(weights: str) -> dict:
+    """The same 3 steps under bf16 (Float16Module, fp32 main weights) and fp16 (dynamic loss scale)."""
+    from dataclasses import replace
+
+    from mopd.config import Dtype, PrecisionConfig
+    from mopd.parallel import init_parallel
+
+    out = {}
+    for dtype in (Dtype.bf16, Dtype.fp16):
+        cfg = replace(student_config(), precision=PrecisionConfig(dtype=dtype))
+        layout = init_parallel(cfg.parallel, seed=7)
+        chunks, optimizer, _, history = _train(cfg, layout, weights)
+        out[dtype.value] = {"history": history, "loss_scale": float(optimizer.get_loss_scale()),
+                            "dtype": next(chunks[0].parameters()).dtype}
+    return out
 
 
 class NanGrad(torch.autograd.Function):
@@ -216,6 +234,19 @@ def test_first_loss_equals_the_float64_masked_cross_entropy_of_the_whole_batch(r
     tokens = sum(float(r.loss_mask.sum()) for r in global_batch(0))
     assert reference["history"][0][2] == tokens
     assert reference["history"][0][3] == tokens
+
+
+def test_bf16_follows_the_fp32_losses_and_fp16_skips_overflowing_steps_halving_its_scale(runs):
+    reference, _ = runs
+    bf16, fp16 = reference["bf16"], reference["fp16"]
+    assert bf16["dtype"] == torch.bfloat16 and fp16["dtype"] == torch.float16
+    for got, want in zip(bf16["history"], reference["history"]):
+        assert _rel(got[0], want[0]) < 1e-3 and _rel(got[1], want[1]) < 2e-2, (got, want)
+    # Megatron starts at scale 2**32 with hysteresis 2: three overflowing steps halve it twice, once
+    # per step after the first (a second scaler update per step would halve it more often).
+    assert fp16["loss_scale"] == 2.0**30
+    assert all(math.isnan(h[1]) or math.isinf(h[1]) for h in fp16["history"])
+    assert _rel(fp16["history"][0][0], reference["history"][0][0]) < 1e-3
 
 
 @pytest.mark.parametrize("tp,pp", LAYOUTS, ids=[f"tp{t}xpp{p}" for t, p in LAYOUTS])

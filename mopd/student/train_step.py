@@ -183,8 +183,8 @@ def train_step(model_chunks: list[torch.nn.Module], optimizer, scheduler, micro_
     summary = _reduce_reports(reports, layout, teacher_names, padded)
     totals = summary["totals"]
     loss = totals.pop("__loss_sum__") / num_tokens
-    grad_norm = _checked_grad_norm(optimizer, loss, step, summary["bad_teachers"])
-    optimizer.step()
+    found_inf, grad_norm = _checked_grad_norm(optimizer, loss, step, summary["bad_teachers"])
+    _step_with_prepared_grads(optimizer, found_inf)
     lr = _current_lr(optimizer)
     scheduler.step(1)
     elapsed = time.perf_counter() - start
@@ -192,12 +192,12 @@ def train_step(model_chunks: list[torch.nn.Module], optimizer, scheduler, micro_
                       tokens_per_s=num_tokens / elapsed, metrics=totals)
 
 
-def _checked_grad_norm(optimizer, loss: float, step: int, bad_teachers: list[str]) -> float:
-    """Gradient norm of the reduced gradients; raises on a non-finite loss or norm.
+def _checked_grad_norm(optimizer, loss: float, step: int, bad_teachers: list[str]) -> tuple[bool, float]:
+    """(fp16 overflow found, gradient norm) of the reduced gradients; raises on a non-finite loss or norm.
 
-    ``optimizer.step()`` computes the norm and updates the weights in one call, so the norm is
-    computed here first (``prepare_grads`` copies grads to the main params; ``step`` redoes it).
-    Under fp16 an overflow is the loss scaler's business: ``step`` skips the update and lowers the scale.
+    ``optimizer.step()`` computes the norm and updates the weights in one call, so the gradients are
+    prepared (copied to the main params, unscaled under fp16) and the norm computed here first.
+    Under fp16 an overflow is the loss scaler's business: the step is skipped and the scale lowered.
     """
     who = f" (teachers {', '.join(bad_teachers)})" if bad_teachers else ""
     if not math.isfinite(loss):
@@ -206,7 +206,17 @@ def _checked_grad_norm(optimizer, loss: float, step: int, bad_teachers: list[str
     grad_norm = float(optimizer.get_grad_norm())
     if not math.isfinite(grad_norm) and not found_inf:
         raise NonFiniteLossError(f"step {step}: gradient norm is {grad_norm}{who}; the weights were not updated")
-    return grad_norm
+    return found_inf, grad_norm
+
+
+def _step_with_prepared_grads(optimizer, found_inf: bool) -> None:
+    """``optimizer.step()`` without its own ``prepare_grads``: a second call would update the fp16
+    loss scaler twice and unscale with the already-updated scale."""
+    optimizer.prepare_grads = lambda: found_inf
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.prepare_grads
 
 
 def _current_lr(optimizer) -> float:
