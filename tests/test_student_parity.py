@@ -362,3 +362,14 @@ def test_an_fp8_recipe_without_transformer_engine_names_the_config_key():
     cfg = replace(student_config(), precision=PrecisionConfig(dtype=Dtype.bf16, fp8=Fp8Recipe.blockwise))
     with pytest.raises(ConfigError, match=r"student\.precision\.fp8=blockwise"):
         transformer_config(cfg, _cpu_layout())
+
+
+def test_sequence_parallel_without_transformer_engine_names_the_config_key():
+    from dataclasses import replace
+
+    from mopd.errors import ConfigError
+    from mopd.student import transformer_config
+
+    cfg = replace(student_config(2, 1), parallel=ParallelConfig(tensor_parallel=2, sequence_parallel=True))
+    with pytest.raises(ConfigError, match=r"student\.parallel\.sequence_parallel"):
+        transformer_config(cfg, _cpu_layout(2, 1))

@@ -53,6 +53,11 @@ def transformer_config(cfg: StudentConfig, layout: ParallelLayout):
 
     m, dtype = cfg.model, _TORCH_DTYPE[cfg.precision.dtype]
     on_cpu = layout.device.type == "cpu"
+    if cfg.parallel.sequence_parallel and not _uses_te_spec(layout):
+        raise ConfigError(
+            "student.parallel.sequence_parallel=true needs the Transformer Engine layer spec (CUDA + TE); "
+            "the local spec's torch RMSNorm does not support it. Set student.parallel.sequence_parallel=false"
+        )
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -90,13 +95,17 @@ def transformer_config(cfg: StudentConfig, layout: ParallelLayout):
     )
 
 
+def _uses_te_spec(layout: ParallelLayout) -> bool:
+    return layout.device.type == "cuda" and have_transformer_engine()
+
+
 def _layer_spec(cfg: StudentConfig, layout: ParallelLayout):
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
     )
 
-    if layout.device.type == "cuda" and have_transformer_engine():
+    if _uses_te_spec(layout):
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.model.qk_layernorm)
     return get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=cfg.model.qk_layernorm)
 
