@@ -12,6 +12,7 @@ TP/PP/DP students; every rank runs this same function.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from pathlib import Path
@@ -113,6 +114,16 @@ def load_tokenizer(config: RunConfig):
     return tokenizer
 
 
+_MEGATRON_NOISE = ("GPTModel IS DEPRECATED", "full_param_layout not provided", "async save is deprecated")
+
+
+class _DropMegatronNoise(logging.Filter):
+    """Megatron-Core 0.19 warns on every model build about APIs mopd uses on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in _MEGATRON_NOISE)
+
+
 def _quiet_libraries() -> None:
     """Our own progress bar and log lines are the run's console output."""
     import transformers
@@ -120,6 +131,8 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     os.environ.setdefault("WANDB_SILENT", "true")
+    for handler in logging.getLogger().handlers or [logging.lastResort]:
+        handler.addFilter(_DropMegatronNoise())
 
 
 def _default_single_process_env() -> None:
