@@ -24,11 +24,11 @@ LAYOUTS = ((2, 1), (1, 2), (2, 2), (1, 1))
 REL_TOL = 1e-5
 
 
-def student_config(tp: int = 1, pp: int = 1) -> StudentConfig:
+def student_config(tp: int = 1, pp: int = 1, tied: bool = False) -> StudentConfig:
     return StudentConfig(
         model=ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
                           ffn_hidden_size=64, vocab_size=VOCAB, make_vocab_size_divisible_by=64,
-                          max_position_embeddings=64),
+                          max_position_embeddings=64, tie_word_embeddings=tied),
         parallel=ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp),
         optimizer=OptimizerConfig(lr=3e-3, clip_grad=1.0, use_distributed_optimizer=True),
         train=TrainConfig(steps=10, micro_batch_size=2),
@@ -121,8 +121,10 @@ def _reference_worker(rank: int, world: int, weights: str) -> dict:
     _, _, _, history = _train(cfg, layout, weights)
     fresh = build_model(cfg, layout, wrap_ddp=False)
     load_model_weights(weights, fresh)
+    tied = student_config(tied=True)
+    save_model_weights(weights + "_tied", build_model(tied, layout))
     return {"history": history, "float64_loss": float64_reference_loss(fresh[0], global_batch(0)),
-            **_mixed_precision_runs(weights)}
+            "tied": _train(tied, layout, weights + "_tied")[3], **_mixed_precision_runs(weights)}
 
 
 def _mixed_precision_runs(weights: str) -> dict:
@@ -212,6 +214,11 @@ def _layouts_worker(rank: int, world: int, weights: str) -> dict:
             out["nan_loss"] = _refusal(chunks, optimizer, scheduler, layout, _nan_loss_at_teacher_one)
             out["nan_grad"] = _refusal(chunks, optimizer, scheduler, layout, _nan_grad)
         destroy_parallel()
+    # Tied embeddings across stages: the output layer on stage 1 shares the stage-0 embedding.
+    cfg = student_config(1, 2, tied=True)
+    layout = init_parallel(cfg.parallel, seed=7)
+    out["tied"] = _train(cfg, layout, weights + "_tied")[3]
+    destroy_parallel()
     return out
 
 
@@ -258,6 +265,14 @@ def test_every_layout_matches_one_rank_loss_and_grad_norm_for_three_steps(runs, 
             assert _rel(got[0], want[0]) < REL_TOL, (where, "loss", got[0], want[0])
             assert _rel(got[1], want[1]) < REL_TOL, (where, "grad norm", got[1], want[1])
             assert got[2] == want[2] and got[3] == want[3] and got[4] == want[4], where
+
+
+def test_tied_embeddings_split_over_two_pipeline_stages_match_one_rank(runs):
+    reference, layouts = runs
+    for rank, out in enumerate(layouts):
+        for step, (got, want) in enumerate(zip(out["tied"], reference["tied"])):
+            assert _rel(got[0], want[0]) < REL_TOL and _rel(got[1], want[1]) < REL_TOL, (rank, step, got, want)
+    assert reference["tied"][0][0] != reference["history"][0][0], "tied and untied models differ"
 
 
 def test_four_data_parallel_ranks_equal_four_micro_batches_with_unequal_token_counts(runs):
