@@ -5,7 +5,9 @@ tensor streams; ``checks`` fingerprints them.
 """
 
 from mopd.sync.checks import checksum, engine_fingerprint, fingerprint, param_dtype
-from mopd.sync.streams import DEFAULT_BUCKET_BYTES, Named, WeightConsumer, bucket_tensors, fan_out, load_into, tensor_bytes
+from mopd.sync.streams import (
+    DEFAULT_BUCKET_BYTES, Named, WeightConsumer, bucket_tensors, fan_out, load_into, tensor_bytes,
+)
 from mopd.sync.student import StagedConsumer, SyncReport, WeightSync, tracking
 
 __all__ = [

@@ -80,7 +80,8 @@ class WeightSync:
     group name distinct per stage). ``tracking(teachers)`` picks the teachers that follow the student.
     ``verify``: after each sync, compare the checksum of every streamed tensor with what each
     in-process engine holds (an EMA teacher holds its average, not the student: not compared).
-    Construction is itself collective (the ranks agree which rounds run).
+    Construction is itself collective (the ranks agree which rounds run). With both kinds of consumer
+    a sync walks the model twice (staged round, then in-process round): two passes of TP gathers.
     """
 
     def __init__(self, model_chunks: list[torch.nn.Module], model_cfg: ModelConfig, layout,
