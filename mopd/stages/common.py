@@ -19,7 +19,7 @@ from mopd.rollout.embedded import EmbeddedEngine
 from mopd.stages.batches import my_share
 from mopd.stages.context import RunContext, StageOutput, barrier, broadcast
 from mopd.stages.evaluate import as_dict, evaluate_engine
-from mopd.stages.student import Student, hf_model
+from mopd.stages.student import Student, hf_engine
 from mopd.student import StepResult, train_step
 from mopd.teachers import build_train_batches
 from mopd.types import LossFn, Rollout, Routing, TeacherScores
@@ -173,12 +173,6 @@ def evaluate_hf_dir(ctx: RunContext, config: RunConfig, hf_dir: Path) -> dict:
 
 def rollout_engine(run: StageRun) -> EmbeddedEngine | None:
     """The embedded rollout engine on rank 0, holding the student's current weights (version = step)."""
-    model = hf_model(run.config.student.model, run.ctx.tokenizer) if run.ctx.is_logger else None
-    run.student.push_to(model)
-    if model is None:
-        return None
-    tok = run.ctx.tokenizer
-    engine = EmbeddedEngine(model, eos_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id,
-                            name="rollout", tokenizer=tok)
-    engine.weight_version = run.step
+    engine = hf_engine(run.config.student.model, run.ctx.tokenizer, name="rollout") if run.ctx.is_logger else None
+    run.student.sync_into([engine], version=run.step)
     return engine

@@ -35,6 +35,7 @@ from mopd.stages.common import (
 from mopd.data.sampler import PromptSampler
 from mopd.stages.context import RunContext, StageOutput
 from mopd.stages.teachers import TeacherSet, build_teacher_set
+from mopd.sync import WeightSync
 from mopd.teachers import score_batch
 
 
@@ -47,6 +48,7 @@ def run_opd(ctx: RunContext, stage: StageConfig, config: RunConfig) -> StageOutp
     teachers = build_teacher_set(ctx, run, config)  # before resuming: self-teachers keep the initial weights
     teachers.restore(resume_stage(run), version=run.step)
     engine = rollout_engine(run)
+    sync = WeightSync(run.student.chunks, config.student.model, ctx.layout, teachers.consumers(engine))
     loss_fn = loss_fn_for(config.student, ctx.layout, teachers.objectives, teachers.names, teachers.coefs)
     alarm, prefetch = Alarm(config.diagnostics), Prefetch(config.rollout.max_staleness)
     while run.step < train.steps:
@@ -64,7 +66,7 @@ def run_opd(ctx: RunContext, stage: StageConfig, config: RunConfig) -> StageOutp
         result = train_on(run, rollouts, routing, scores, loss_fn, teachers.names, rewards)
         prefetch.wait()  # the engine's weights change below; no generation may be in flight
         with run.metrics.span("sync"):
-            teachers.sync(run.student, engine, version=run.step)
+            sync.sync(version=run.step)
         log_step(run, result, step_diagnostics(run, rollouts, routing, scores, rewards, teachers, alarm))
         maybe_checkpoint(run, extra=teachers.state())
         maybe_evaluate(run, engine)

@@ -9,7 +9,6 @@ same ModelConfig with transformers, so an exported folder is a plain ``from_pret
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,10 +16,11 @@ from typing import Any
 import torch
 
 from mopd.config import ModelConfig, StudentConfig
-from mopd.errors import CheckpointError
-from mopd.hf import hf_config_from_model, megatron_to_hf
+from mopd.hf import hf_config_from_model
 from mopd.parallel import ParallelLayout
+from mopd.rollout.embedded import EmbeddedEngine
 from mopd.stages.context import barrier
+from mopd.sync import WeightSync
 from mopd.student import (
     build_model,
     build_optimizer,
@@ -71,28 +71,37 @@ class Student:
 
     # -- HF stream -----------------------------------------------------------------------------
 
-    def hf_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """HF-named full tensors; every rank of the model must iterate (TP gathers are collective)."""
-        if self.layout.pp > 1:
-            raise CheckpointError("streaming HF weights to one process needs pipeline_parallel=1 here; "
-                                  "use the weight sync for pipeline-parallel students")
-        return megatron_to_hf(self.chunks, self.cfg.model)
+    def sync_into(self, consumers: list, version: int) -> None:
+        """Stream the weights (HF names, unsharded) into consumers held by global rank 0. Collective:
+        every rank calls it; other ranks' consumers are ignored. Any TP/PP layout (mopd.sync)."""
+        WeightSync(self.chunks, self.cfg.model, self.layout, consumers if self.layout.rank == 0 else []).sync(version)
 
-    def push_to(self, model: torch.nn.Module | None) -> None:
-        """Copy the student's weights into an HF model held by global rank 0 (other ranks pass None)."""
-        targets = model.state_dict() if model is not None else None
-        for name, tensor in self.hf_tensors():
-            if targets is not None:
-                targets[name].copy_(tensor.to(targets[name].dtype))
-
-    def export_hf(self, out: Path, tokenizer) -> Path | None:
+    def export_hf(self, out: Path, tokenizer) -> Path:
         """Write the weights as an HF folder on rank 0 (atomically: temporary folder, then rename)."""
-        model = hf_model(self.cfg.model, tokenizer) if self.layout.rank == 0 else None
-        self.push_to(model)
-        if model is not None:
-            save_hf(model, tokenizer, out)
+        engine = hf_engine(self.cfg.model, tokenizer, name="export") if self.layout.rank == 0 else None
+        self.sync_into([engine], version=0)
+        if engine is not None:
+            save_hf(engine.model, tokenizer, out)
         barrier()
         return out
+
+
+class Recorder:
+    """A weight consumer that keeps what it is sent (a frozen copy of the student)."""
+
+    name = "recorder"
+
+    def __init__(self) -> None:
+        self.tensors: list[tuple[str, torch.Tensor]] = []
+
+    def update_weights(self, named_tensors, version: int) -> None:
+        self.tensors = [(name, t.detach().clone()) for name, t in named_tensors]
+
+
+def hf_engine(cfg: ModelConfig, tokenizer, name: str) -> EmbeddedEngine:
+    """An embedded engine around a fresh transformers model of the student's architecture."""
+    return EmbeddedEngine(hf_model(cfg, tokenizer), eos_token_ids=[tokenizer.eos_token_id],
+                          pad_token_id=tokenizer.pad_token_id, name=name, tokenizer=tokenizer)
 
 
 def hf_model(cfg: ModelConfig, tokenizer=None, dtype: torch.dtype = torch.float32) -> torch.nn.Module:

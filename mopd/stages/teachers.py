@@ -17,7 +17,8 @@ from mopd.errors import ConfigError
 from mopd.rollout.embedded import EmbeddedEngine
 from mopd.rollout.engine import Engine
 from mopd.stages.context import RunContext
-from mopd.stages.student import Student, hf_model
+from mopd.stages.student import Recorder, Student, hf_engine
+from mopd.sync import tracking
 from mopd.teachers import Router, Teacher, build_teachers
 
 
@@ -31,24 +32,9 @@ class TeacherSet:
     router: Router | None = None
     """Rank 0 only."""
 
-    def sync(self, student: Student, engine: EmbeddedEngine | None, version: int) -> None:
-        """Stream the student's HF-named weights into the rollout engine and into EMA teachers.
-
-        Every rank iterates the stream (its TP gathers are collective); rank 0 consumes it. Memory:
-        one gathered tensor at a time, plus a copy of the model only when an EMA teacher exists.
-        """
-        tracking = [t for t in self.teachers or [] if t.tracks_student]
-        targets = engine.model.state_dict() if engine is not None else None
-        kept: list[tuple[str, torch.Tensor]] = []
-        for name, tensor in student.hf_tensors():
-            if targets is not None:
-                targets[name].copy_(tensor.to(targets[name].dtype))
-            if tracking:
-                kept.append((name, tensor.clone()))
-        if engine is not None:
-            engine.weight_version = version
-        for teacher in tracking:
-            teacher.update_weights(kept, version)
+    def consumers(self, engine: EmbeddedEngine | None) -> list:
+        """What the student's weights stream into after each step: the rollout engine, EMA teachers."""
+        return [c for c in (engine, *tracking(self.teachers or [])) if c is not None]
 
     def state(self) -> dict:
         """EMA teachers' state for the checkpoint (rank 0's is the one saved)."""
@@ -88,8 +74,9 @@ def build_teacher_set(ctx: RunContext, run, config: RunConfig) -> TeacherSet:
 
 
 def _collect(student: Student) -> list[tuple[str, torch.Tensor]] | None:
-    kept = [(name, tensor.clone()) for name, tensor in student.hf_tensors()]
-    return kept if student.layout.rank == 0 else None
+    recorder = Recorder()
+    student.sync_into([recorder], version=0)
+    return recorder.tensors if student.layout.rank == 0 else None
 
 
 def _engine(ctx: RunContext, config: RunConfig, t: TeacherConfig, initial):
@@ -109,11 +96,6 @@ def _engine(ctx: RunContext, config: RunConfig, t: TeacherConfig, initial):
     if t.kind != TeacherKind.self_pi:
         raise ConfigError(f"distill.teachers[{t.name}].checkpoint: an expert teacher needs a checkpoint "
                           "(an earlier stage's name or an HF folder)")
-    model = hf_model(config.student.model, ctx.tokenizer)
-    targets = model.state_dict()
-    for name, tensor in initial:
-        targets[name].copy_(tensor)
-    tok = ctx.tokenizer
-    engine = EmbeddedEngine(model, eos_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id,
-                            name=t.name, tokenizer=tok)
-    return engine, tok
+    engine = hf_engine(config.student.model, ctx.tokenizer, name=t.name)
+    engine.update_weights(initial, version=0)
+    return engine, ctx.tokenizer
