@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mopd.config import Dtype, RunConfig, StudentConfig
+from mopd.config import Dtype, RunConfig, StudentConfig, padded_vocab_size
 from mopd.errors import ConfigError
 from mopd.parallel.layout import LayoutPlan, plan_layout
 
@@ -19,7 +19,7 @@ _BYTES = {Dtype.fp32: 4, Dtype.bf16: 2, Dtype.fp16: 2}
 class Plan:
     layout: LayoutPlan
     padded_vocab_size: int
-    """Embedding rows after padding to a multiple of make_vocab_size_divisible_by * TP."""
+    """Embedding rows after padding (mopd.config.padded_vocab_size)."""
     num_microbatches: int
     """Micro-batches per optimizer step on each data-parallel rank."""
     num_parameters: int
@@ -40,16 +40,11 @@ class Plan:
         return "\n".join(lines)
 
 
-def padded_vocab(vocab_size: int, divisible_by: int, tp: int) -> int:
-    multiple = divisible_by * tp
-    return -(-vocab_size // multiple) * multiple
-
-
 def count_parameters(student: StudentConfig) -> int:
     m = student.model
     head_dim = m.head_dim or m.hidden_size // m.num_attention_heads
     groups = m.num_query_groups or m.num_attention_heads
-    vocab = padded_vocab(m.vocab_size, m.make_vocab_size_divisible_by, student.parallel.tensor_parallel)
+    vocab = padded_vocab_size(m, student.parallel.tensor_parallel)
     qkv = m.hidden_size * head_dim * (m.num_attention_heads + 2 * groups)
     attn = qkv + m.num_attention_heads * head_dim * m.hidden_size
     mlp = 3 * m.hidden_size * m.ffn_hidden_size
@@ -75,9 +70,7 @@ def make_plan(config: RunConfig, world_size: int) -> Plan:
     per_param = _BYTES[student.precision.dtype] + 4 + optimizer_bytes
     return Plan(
         layout=layout,
-        padded_vocab_size=padded_vocab(
-            student.model.vocab_size, student.model.make_vocab_size_divisible_by, layout.tp
-        ),
+        padded_vocab_size=padded_vocab_size(student.model, layout.tp),
         num_microbatches=student.train.global_batch_size // per_step,
         num_parameters=params,
         gib_per_gpu=shard * per_param / 2**30,

@@ -108,9 +108,10 @@ def test_fc1_stacks_gate_over_up_and_vocab_rows_are_zero_padded():
     assert emb.shape == (8, 2) and emb[3:].abs().sum() == 0
 
 
-def test_vocab_padding_follows_megatron_rule_for_each_tp():
+def test_vocab_padding_does_not_depend_on_tp_that_divides_the_divisor():
     cfg = ModelConfig(vocab_size=300)
-    assert [padded_vocab_size(cfg, tp) for tp in (1, 2, 4)] == [384, 512, 512]
+    assert [padded_vocab_size(cfg, tp) for tp in (1, 2, 4, 8)] == [384, 384, 384, 384]
+    assert padded_vocab_size(ModelConfig(vocab_size=300, make_vocab_size_divisible_by=64), 3) == 384
 
 
 def test_tied_models_have_no_lm_head_and_untied_ones_do():

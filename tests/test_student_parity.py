@@ -337,10 +337,12 @@ def _cpu_layout(tp: int = 1, pp: int = 1):
                           mp_group=None, pgs=None)
 
 
-def test_vocabulary_pads_to_a_multiple_of_the_divisor_times_tp():
+def test_vocabulary_pads_to_the_same_size_at_every_tp_that_divides_the_divisor():
     from mopd.student import padded_vocab_size
 
-    assert padded_vocab_size(ModelConfig(vocab_size=151936, make_vocab_size_divisible_by=128), 8) == 152576
+    assert padded_vocab_size(ModelConfig(vocab_size=151936, make_vocab_size_divisible_by=128), 8) == 151936
+    assert padded_vocab_size(ModelConfig(vocab_size=151937, make_vocab_size_divisible_by=128), 8) == 152064
+    assert padded_vocab_size(ModelConfig(vocab_size=100, make_vocab_size_divisible_by=64), 3) == 192
     assert padded_vocab_size(ModelConfig(vocab_size=128, make_vocab_size_divisible_by=64), 2) == 128
     assert padded_vocab_size(ModelConfig(vocab_size=129, make_vocab_size_divisible_by=64), 1) == 192
 

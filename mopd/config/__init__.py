@@ -30,6 +30,7 @@ from mopd.config.model import (
     PrecisionConfig,
     StudentConfig,
     TrainConfig,
+    padded_vocab_size,
 )
 from mopd.config.run import (
     CheckpointConfig,

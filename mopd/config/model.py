@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -101,6 +102,19 @@ class ModelConfig:
             out.append(Problem("num_query_groups", groups,
                                f"must be a positive divisor of num_attention_heads={self.num_attention_heads}"))
         return out
+
+
+def padded_vocab_size(model: ModelConfig, tp: int) -> int:
+    """Embedding rows: the vocabulary rounded up to a multiple of lcm(make_vocab_size_divisible_by, tp).
+
+    Megatron-LM pads to a multiple of ``divisible_by * tp``, so the padded size (and with it every
+    checkpoint's embedding shape) changes with TP and a checkpoint cannot be loaded at another TP.
+    With the lcm, any TP that divides ``make_vocab_size_divisible_by`` (1, 2, 4, 8 ... for 128) gives
+    the same padding, so checkpoints reshard freely; the shards stay equal-sized, as
+    VocabParallelEmbedding requires. Padded columns are never selectable (mopd.objectives).
+    """
+    multiple = math.lcm(model.make_vocab_size_divisible_by, tp)
+    return -(-model.vocab_size // multiple) * multiple
 
 
 @dataclass(frozen=True, kw_only=True)

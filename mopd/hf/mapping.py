@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mopd.config import ModelConfig
+from mopd.config import ModelConfig, padded_vocab_size
 from mopd.errors import CheckpointError
 
 
@@ -156,12 +156,6 @@ def pad_vocab(weight: torch.Tensor, padded_vocab: int) -> torch.Tensor:
     if extra < 0:
         raise CheckpointError(f"vocabulary of {weight.shape[0]} rows does not fit the padded size {padded_vocab}")
     return torch.cat([weight, weight.new_zeros(extra, *weight.shape[1:])]) if extra else weight
-
-
-def padded_vocab_size(cfg: ModelConfig, tp: int) -> int:
-    """Megatron's vocabulary padding: the next multiple of make_vocab_size_divisible_by * tp."""
-    multiple = cfg.make_vocab_size_divisible_by * tp
-    return -(-cfg.vocab_size // multiple) * multiple
 
 
 MegatronSource = Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | Sequence[torch.nn.Module]

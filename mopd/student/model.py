@@ -10,17 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from mopd.config import Dtype, Fp8Recipe, StudentConfig
-from mopd.config.model import ModelConfig
+from mopd.config.model import ModelConfig, padded_vocab_size
 from mopd.errors import ConfigError
 from mopd.parallel import ParallelLayout
 
 _TORCH_DTYPE = {Dtype.fp32: torch.float32, Dtype.bf16: torch.bfloat16, Dtype.fp16: torch.float16}
-
-
-def padded_vocab_size(model: ModelConfig, tp: int) -> int:
-    """Vocabulary rounded up to a multiple of ``make_vocab_size_divisible_by * tp`` (Megatron's rule)."""
-    multiple = model.make_vocab_size_divisible_by * tp
-    return -(-model.vocab_size // multiple) * multiple
 
 
 def have_transformer_engine() -> bool:
