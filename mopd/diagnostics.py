@@ -82,10 +82,9 @@ def _rows_per_rollout(rollouts: Sequence[Rollout]) -> list[slice]:
 class Alarm:
     """Warns when a watched diagnostic falls by more than ``alarm_drop`` from its starting level."""
 
-    WATCHED = ("/entropy", "/response_len")
-
     def __init__(self, config: DiagnosticsConfig):
         self.config = config
+        self.watched = tuple(f"/{name}" for name in config.alarm_on)
         self.series: dict[str, list[float]] = defaultdict(list)
         self.raised: dict[str, str] = {}
 
@@ -94,7 +93,7 @@ class Alarm:
         fresh = []
         w = self.config.alarm_window
         for key, value in values.items():
-            if not key.endswith(self.WATCHED):
+            if not self.watched or not key.endswith(self.watched):
                 continue
             series = self.series[key]
             series.append(value)

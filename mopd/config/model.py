@@ -46,6 +46,20 @@ class LrSchedule(str, Enum):
     cosine = "cosine"
 
 
+class RopeScaling(str, Enum):
+    """RoPE frequency scaling the Megatron student reproduces exactly."""
+
+    none = "none"
+    llama3 = "llama3"
+    """Llama 3.1 / 3.2 / 3.3: long wavelengths divided by a factor, a smooth ramp to the short ones."""
+
+
+# Megatron-Core 0.19's RotaryEmbedding._apply_scaling hard-codes these (GPTModel passes only the factor),
+# so a llama3 config with other values would train a model whose frequencies differ from the checkpoint's.
+MEGATRON_LLAMA3_ROPE = {"rope_low_freq_factor": 1.0, "rope_high_freq_factor": 4.0,
+                        "rope_original_max_position_embeddings": 8192}
+
+
 class Backend(str, Enum):
     auto = "auto"
     gloo = "gloo"
@@ -78,6 +92,16 @@ class ModelConfig:
     """Longest sequence RoPE is built for."""
     rope_theta: float = 10000.0
     """RoPE base frequency."""
+    rope_scaling: RopeScaling = RopeScaling.none
+    """RoPE frequency scaling: none, or llama3 (HF rope_type "llama3", Llama 3.1+)."""
+    rope_scaling_factor: float = 8.0
+    """llama3: long-wavelength frequencies are divided by this (8 for Llama 3.1/3.3, 32 for 3.2 1B/3B)."""
+    rope_low_freq_factor: float = 1.0
+    """llama3: wavelengths above original_max_position_embeddings / this are fully scaled (Megatron: 1 only)."""
+    rope_high_freq_factor: float = 4.0
+    """llama3: wavelengths below original_max_position_embeddings / this are kept (Megatron: 4 only)."""
+    rope_original_max_position_embeddings: int = 8192
+    """llama3: the pre-training context the ramp is defined against (Megatron: 8192 only)."""
     rms_norm_eps: float = 1e-6
     """RMSNorm epsilon."""
     tie_word_embeddings: bool = False
@@ -97,10 +121,23 @@ class ModelConfig:
         if self.head_dim is None and self.hidden_size % self.num_attention_heads:
             out.append(Problem("hidden_size", self.hidden_size,
                                f"must be divisible by num_attention_heads={self.num_attention_heads} (or set head_dim)"))
+        out += self._rope_problems()
         groups = self.num_query_groups
         if groups is not None and (groups <= 0 or self.num_attention_heads % groups):
             out.append(Problem("num_query_groups", groups,
                                f"must be a positive divisor of num_attention_heads={self.num_attention_heads}"))
+        return out
+
+    def _rope_problems(self) -> list[Problem]:
+        if self.rope_scaling == RopeScaling.none:
+            return []
+        out = []
+        if not self.rope_scaling_factor >= 1.0:
+            out.append(Problem("rope_scaling_factor", self.rope_scaling_factor, "must be >= 1"))
+        for key, fixed in MEGATRON_LLAMA3_ROPE.items():
+            if getattr(self, key) != fixed:
+                out.append(Problem(key, getattr(self, key),
+                                   f"Megatron-Core's llama3 RoPE scaling hard-codes {fixed}; other values are not supported"))
         return out
 
 

@@ -138,7 +138,9 @@ class DiagnosticsConfig:
     position_buckets: int = 4
     """KL is reported per bucket of response position (early vs late tokens)."""
     alarm_drop: float = 0.5
-    """Warn when student entropy or mean response length falls by more than this fraction from the start."""
+    """Warn when a watched diagnostic falls by more than this fraction from the start."""
+    alarm_on: list[str] = field(default_factory=lambda: ["entropy", "response_len"])
+    """Per-teacher diagnostics the alarm watches (entropy, response_len)."""
     alarm_window: int = 5
     """Steps averaged at the start and at the current point for the alarm."""
 
@@ -146,6 +148,9 @@ class DiagnosticsConfig:
         out = positive(self, "position_buckets", "alarm_window")
         if not 0.0 < self.alarm_drop < 1.0:
             out.append(Problem("alarm_drop", self.alarm_drop, "must be in (0, 1)"))
+        unknown = sorted(set(self.alarm_on) - {"entropy", "response_len"})
+        if unknown:
+            out.append(Problem("alarm_on", unknown, "must name diagnostics among ['entropy', 'response_len']"))
         return out
 
 
