@@ -136,8 +136,8 @@ class ModelConfig:
             out.append(Problem("rope_scaling_factor", self.rope_scaling_factor, "must be >= 1"))
         for key, fixed in MEGATRON_LLAMA3_ROPE.items():
             if getattr(self, key) != fixed:
-                out.append(Problem(key, getattr(self, key),
-                                   f"Megatron-Core's llama3 RoPE scaling hard-codes {fixed}; other values are not supported"))
+                out.append(Problem(key, getattr(self, key), f"Megatron-Core's llama3 RoPE scaling hard-codes {fixed}; "
+                                                             "other values are not supported"))
         return out
 
 

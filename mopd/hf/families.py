@@ -2,8 +2,13 @@
 
 One table per family says what the HF architecture adds on top of the Llama layout (QKV bias for
 Qwen2, QK-norm and an explicit head_dim for Qwen3). Anything the Megatron student cannot represent
-exactly (sliding windows, rope scaling, biases on other projections, a non-SiLU activation) is
-refused with the config.json key at fault, rather than converted into a model with different logits.
+exactly (sliding windows, RoPE scaling other than Llama 3's, biases on other projections, a non-SiLU
+activation) is refused with the config.json key at fault, rather than converted into a model with
+different logits.
+
+RoPE parameters are read the way transformers 5 reads them: `rope_scaling` (the key Llama 3.1 / 3.3
+checkpoints on the Hub still use) wins over `rope_parameters`, and `rope_theta` falls back to the
+top-level key. Exports write transformers 5's `rope_parameters`.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mopd.config import Family, ModelConfig
+from mopd.config.model import MEGATRON_LLAMA3_ROPE, RopeScaling
 from mopd.errors import CheckpointError
 
 
@@ -88,7 +94,7 @@ def model_config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
         ffn_hidden_size=_required(hf_config, "intermediate_size"),
         vocab_size=_required(hf_config, "vocab_size"),
         max_position_embeddings=hf_config.get("max_position_embeddings", 2048),
-        rope_theta=float(_rope_theta(hf_config)),
+        **_rope_fields(hf_config),
         rms_norm_eps=float(hf_config.get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
         qk_layernorm=spec.qk_norm,
@@ -115,7 +121,7 @@ def hf_config_from_model(model: ModelConfig, *, dtype: str, extra: dict[str, Any
         hidden_act="silu",
         max_position_embeddings=model.max_position_embeddings,
         rms_norm_eps=model.rms_norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": model.rope_theta},
+        rope_parameters=_hf_rope_parameters(model),
         tie_word_embeddings=model.tie_word_embeddings,
         initializer_range=model.init_method_std,
         dtype=dtype,
@@ -135,9 +141,80 @@ def _required(hf_config: dict[str, Any], key: str) -> int:
     return hf_config[key]
 
 
-def _rope_theta(hf_config: dict[str, Any]) -> float:
-    params = hf_config.get("rope_parameters") or {}
-    return params.get("rope_theta", hf_config.get("rope_theta", 10000.0))
+# config.json's llama3 keys -> ModelConfig fields
+_LLAMA3_FIELDS = {"factor": "rope_scaling_factor", "low_freq_factor": "rope_low_freq_factor",
+                  "high_freq_factor": "rope_high_freq_factor",
+                  "original_max_position_embeddings": "rope_original_max_position_embeddings"}
+
+
+def _rope_section(hf_config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The config.json key that holds the RoPE parameters, and its dict ({} when there is none)."""
+    for key in ("rope_scaling", "rope_parameters"):  # transformers 5 lets rope_scaling win
+        if hf_config.get(key):
+            return key, hf_config[key]
+    return "rope_parameters", {}
+
+
+def _rope_type(rope: dict[str, Any]) -> str:
+    return rope.get("rope_type", rope.get("type", "default"))
+
+
+def _llama3_values(hf_config: dict[str, Any]) -> dict[str, Any]:
+    """config.json's llama3 parameters by their HF name, resolved as transformers does: a top-level
+    original_max_position_embeddings wins, a missing one falls back to max_position_embeddings.
+    Missing factors are left out."""
+    rope = _rope_section(hf_config)[1]
+    values = {k: rope[k] for k in _LLAMA3_FIELDS if k in rope}
+    original = hf_config.get("original_max_position_embeddings")
+    if original is not None:
+        values["original_max_position_embeddings"] = original
+    values.setdefault("original_max_position_embeddings", hf_config.get("max_position_embeddings", 2048))
+    return values
+
+
+def _rope_fields(hf_config: dict[str, Any]) -> dict[str, Any]:
+    """ModelConfig's RoPE fields for a config.json that `_rope_problems` accepted."""
+    rope = _rope_section(hf_config)[1]
+    fields: dict[str, Any] = {"rope_theta": float(rope.get("rope_theta", hf_config.get("rope_theta", 10000.0)))}
+    if _rope_type(rope) == RopeScaling.llama3.value:
+        fields["rope_scaling"] = RopeScaling.llama3
+        for hf_key, value in _llama3_values(hf_config).items():
+            cast = int if hf_key == "original_max_position_embeddings" else float
+            fields[_LLAMA3_FIELDS[hf_key]] = cast(value)
+    return fields
+
+
+def _rope_problems(hf_config: dict[str, Any]) -> list[str]:
+    """RoPE settings Megatron-Core would get wrong, each as `key=value (why)` with its config.json key."""
+    key, rope = _rope_section(hf_config)
+    rope_type = _rope_type(rope)
+    out = []
+    partial = rope.get("partial_rotary_factor", hf_config.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        out.append(f"partial_rotary_factor={partial!r} (RoPE on part of each head is not supported)")
+    if rope_type == "default":
+        return out
+    if rope_type != RopeScaling.llama3.value:
+        return out + [f"{key}.rope_type={rope_type!r} (Megatron-Core reproduces only 'default' and 'llama3' RoPE "
+                      "exactly; use --backend bridge)"]
+    values = _llama3_values(hf_config)
+    out += [f"{key}.{k} (missing; rope_type 'llama3' needs it)" for k in _LLAMA3_FIELDS if k not in values]
+    factor = values.get("factor", 1.0)
+    if not isinstance(factor, int | float) or factor < 1.0:
+        out.append(f"{key}.factor={factor!r} (llama3 RoPE scaling needs a number >= 1)")
+    for hf_key, value in values.items():
+        fixed = MEGATRON_LLAMA3_ROPE.get(_LLAMA3_FIELDS[hf_key])
+        if fixed is not None and value != fixed:
+            out.append(f"{key}.{hf_key}={value!r} (Megatron-Core's llama3 RoPE scaling hard-codes {fixed})")
+    return out
+
+
+def _hf_rope_parameters(model: ModelConfig) -> dict[str, Any]:
+    """transformers 5's `rope_parameters` for `model`."""
+    if model.rope_scaling == RopeScaling.none:
+        return {"rope_type": "default", "rope_theta": model.rope_theta}
+    return {"rope_type": model.rope_scaling.value, "rope_theta": model.rope_theta,
+            **{hf_key: getattr(model, field) for hf_key, field in _LLAMA3_FIELDS.items()}}
 
 
 def _refuse_unsupported(hf_config: dict[str, Any], spec: FamilySpec) -> None:
@@ -145,10 +222,7 @@ def _refuse_unsupported(hf_config: dict[str, Any], spec: FamilySpec) -> None:
     problems = []
     if hf_config.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act={hf_config['hidden_act']!r} (only 'silu' / SwiGLU is supported)")
-    rope = hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        problems.append(f"rope type {rope_type!r} (only unscaled RoPE is supported; use --backend bridge)")
+    problems += _rope_problems(hf_config)
     if hf_config.get("mlp_bias"):
         problems.append("mlp_bias=true")
     if spec.family in (Family.llama, Family.mistral, Family.qwen3) and hf_config.get("attention_bias"):

@@ -46,11 +46,13 @@ def build_gpt(cfg: ModelConfig, padded_vocab: int, dtype: torch.dtype):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
+    from mopd.student.model import gpt_rope_kwargs
+
     spec = get_gpt_layer_local_spec(qk_layernorm=cfg.qk_layernorm, normalization="RMSNorm")
     return GPTModel(
         config=transformer_config(cfg, dtype), transformer_layer_spec=spec, vocab_size=padded_vocab,
         max_sequence_length=cfg.max_position_embeddings,
-        share_embeddings_and_output_weights=cfg.tie_word_embeddings, position_embedding_type="rope",
+        share_embeddings_and_output_weights=cfg.tie_word_embeddings, **gpt_rope_kwargs(cfg),
     )
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mopd.config import Dtype, Fp8Recipe, StudentConfig
-from mopd.config.model import ModelConfig, padded_vocab_size
+from mopd.config.model import ModelConfig, RopeScaling, padded_vocab_size
 from mopd.errors import ConfigError
 from mopd.parallel import ParallelLayout
 
@@ -124,8 +124,7 @@ def build_model(cfg: StudentConfig, layout: ParallelLayout, *, wrap_ddp: bool = 
         post_process=layout.is_last_stage,
         parallel_output=True,
         share_embeddings_and_output_weights=cfg.model.tie_word_embeddings,
-        position_embedding_type="rope",
-        rotary_base=int(cfg.model.rope_theta),
+        **gpt_rope_kwargs(cfg.model),
     )
     model.to(layout.device)
     if tc.bf16 or tc.fp16:
@@ -133,6 +132,20 @@ def build_model(cfg: StudentConfig, layout: ParallelLayout, *, wrap_ddp: bool = 
     if wrap_ddp:
         model = _wrap_ddp(cfg, tc, model)
     return [model]
+
+
+def gpt_rope_kwargs(model: ModelConfig) -> dict:
+    """GPTModel's RoPE arguments: base frequency and, for llama3, the scaling factor.
+
+    Megatron takes only the factor; ModelConfig.problems() refuses the other llama3 parameters unless
+    they equal the values Megatron hard-codes, so the frequencies match the HF model's.
+    """
+    # a ModelConfig built in code skips the loader's checks; Megatron would silently use its own values
+    bad = [p for p in model.problems() if p.key.startswith("rope_")]
+    if bad:
+        raise ConfigError("; ".join(f"student.model.{p.key}={p.value!r}: {p.reason}" for p in bad))
+    return dict(position_embedding_type="rope", rotary_base=int(model.rope_theta),
+                rope_scaling=model.rope_scaling == RopeScaling.llama3, rope_scaling_factor=model.rope_scaling_factor)
 
 
 def _wrap_ddp(cfg: StudentConfig, tc, model: torch.nn.Module) -> torch.nn.Module:
