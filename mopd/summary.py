@@ -76,6 +76,7 @@ def _verdicts(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
         for b in BASELINES:
             if row.get(b) is not None:
                 row[f"beats_{b}"] = student > row[b]
+                row[f"vs_{b}"] = _compare(student, row[b])
                 beats[b].append(student > row[b])
     if reaches:
         out["student_reaches_90pct_of_teacher_on_every_domain"] = all(reaches)
@@ -87,10 +88,16 @@ def _verdicts(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
         if "student_over_teacher" in row:
             lines.append(f"{domain}: student {row['student']:.3f} = {100 * row['student_over_teacher']:.0f}% of its "
                          f"expert ({row['teacher']:.3f})"
-                         + "".join(f"; {'beats' if row.get(f'beats_{b}') else 'does not beat'} {b} ({row[b]:.3f})"
+                         + "".join(f"; {row[f'vs_{b}']} {b} ({row[b]:.3f})"
                                    for b in BASELINES if row.get(b) is not None))
     out["plainly"] = lines
     return out
+
+
+def _compare(student: float, baseline: float) -> str:
+    if student > baseline:
+        return "beats"
+    return "ties with" if student == baseline else "does not beat"
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any], outputs: dict[str, StageOutput]) -> Path:

@@ -39,3 +39,13 @@ def test_summary_compares_the_student_with_its_expert_and_both_baselines(tmp_pat
     path = write_summary(tmp_path, summary, outputs)
     assert json.loads(path.read_text())["warnings"] == ["unify: entropy fell"]
     assert (tmp_path / "summary.png").stat().st_size > 10_000
+
+
+def test_a_tie_with_a_baseline_is_called_a_tie_not_a_win():
+    config = load_config(None, ["distill.teachers=[{name: rx, checkpoint: ex, domains: [rev]}]"])
+    outputs = {"ex": output("ex", "teacher", {"rev": 1.0}), "unify": output("unify", "student", {"rev": 1.0}, "opd"),
+               "sft_b": output("sft_b", "sft_baseline", {"rev": 1.0})}
+    summary = build_summary(config, outputs, warnings=[])
+    assert summary["domains"]["rev"]["vs_sft_baseline"] == "ties with"
+    assert "ties with sft_baseline (1.000)" in summary["verdicts"]["plainly"][0]
+    assert summary["verdicts"]["student_beats_sft_baseline_on_every_domain"] is False
