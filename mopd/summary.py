@@ -49,8 +49,16 @@ def _domain_row(config: RunConfig, outputs: dict[str, StageOutput], domain: str)
     row: dict[str, Any] = {role: _accuracy(o, domain) for role, o in by_role.items()}
     expert = _expert_for(config, outputs, domain)
     row["teacher"] = _accuracy(expert, domain)
+    # Sampled pass@1 (temperature eval.temperature) separates models that tie on greedy accuracy.
+    row["pass@1"] = {role: _pass1(o, domain) for role, o in [*by_role.items(), ("teacher", expert)]}
     row["teacher_stage"] = expert.name if expert else None
     return row
+
+
+def _pass1(output: StageOutput | None, domain: str) -> float | None:
+    if output is None or domain not in output.eval:
+        return None
+    return output.eval[domain].get("pass_at", {}).get("1")
 
 
 def _expert_for(config: RunConfig, outputs: dict[str, StageOutput], domain: str) -> StageOutput | None:

@@ -33,7 +33,11 @@ def evaluate_engine(engine: Engine, config: RunConfig, tokenizer, prompts=None) 
 
 
 def as_dict(result: EvalResult) -> dict:
-    return {d.domain: asdict(d) for d in result.domains}
+    """JSON-ready: pass@k keys as strings, as they read back from output.json."""
+    out = {d.domain: asdict(d) for d in result.domains}
+    for row in out.values():
+        row["pass_at"] = {str(k): v for k, v in row["pass_at"].items()}
+    return out
 
 
 def _sample(rollout: Rollout, tokenizer, greedy: bool) -> EvalSample:
