@@ -93,6 +93,9 @@ def _verdicts(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
             out[f"student_beats_{b}_on_every_domain"] = all(results)
     lines = []
     for domain, row in rows.items():
+        if row.get("base") is not None and row.get("student") is not None:
+            lines.append(f"{domain}: base {row['base']:.3f} -> student {row['student']:.3f} "
+                         f"({row['student'] - row['base']:+.3f} greedy accuracy)")
         if "student_over_teacher" in row:
             lines.append(f"{domain}: student {row['student']:.3f} = {100 * row['student_over_teacher']:.0f}% of its "
                          f"expert ({row['teacher']:.3f})"
