@@ -39,6 +39,8 @@ def run_pipeline(config: RunConfig, *, resume: bool = False) -> Path:
     """Run every stage of ``config``; returns the run directory (with summary.json on rank 0)."""
     if not config.stages:
         raise ConfigError("stages: the config lists no stages to run")
+    # Every stage's overrides are applied and validated now, not hours into the run.
+    stage_configs = {stage.name: _stage_config(config, stage) for stage in config.stages}
     ctx = _start(config, resume)
     try:
         for stage in config.stages:
@@ -50,7 +52,7 @@ def run_pipeline(config: RunConfig, *, resume: bool = False) -> Path:
                 continue
             if ctx.is_logger:
                 print(f"[pipeline] stage {stage.name} ({stage.kind.value})", flush=True)
-            output = STAGES[stage.kind](ctx, stage, with_overrides(config, stage.overrides))
+            output = STAGES[stage.kind](ctx, stage, stage_configs[stage.name])
             if ctx.is_logger:
                 output.save(done)
             ctx.outputs[stage.name] = output
@@ -64,6 +66,13 @@ def run_pipeline(config: RunConfig, *, resume: bool = False) -> Path:
         return ctx.run_dir
     finally:
         destroy_parallel(process_group=True)
+
+
+def _stage_config(config: RunConfig, stage) -> RunConfig:
+    try:
+        return with_overrides(config, stage.overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"stage {stage.name!r} (overrides {stage.overrides}): {exc}") from None
 
 
 def evaluate_checkpoint(config: RunConfig, hf_dir: str) -> dict:

@@ -120,3 +120,18 @@ def test_config_round_trips_through_yaml(tmp_path):
 @pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
     load_config(path)
+
+
+def test_warmup_longer_than_training_is_refused():
+    message = error_of(["student.train.steps=5", "student.optimizer.warmup_steps=5"])
+    assert "student.optimizer.warmup_steps=5" in message and "train.steps=5" in message
+
+
+def test_a_bad_stage_override_is_reported_before_anything_runs(tmp_path):
+    from mopd.pipeline import run_pipeline
+
+    config = load_config(None, ["stages=[{name: a, kind: sft}, {name: b, kind: sft, overrides: [student.train.steps=0]}]",
+                                f"output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="stage 'b'.*student.train.steps=0"):
+        run_pipeline(config)
+    assert not (tmp_path / "run").exists()

@@ -154,3 +154,39 @@ def test_opd_with_the_student_at_tp2_matches_tp1(full_run, tmp_path):
     assert len(got) == len(expected)
     assert abs(got[0] - expected[0]) / expected[0] < 1e-5  # same weights, same rollouts: only round-off
     assert max(abs(a - b) / max(abs(a), 1e-8) for a, b in zip(expected, got)) < 1e-3
+
+
+def test_opsd_config_runs_pi_self_distillation_and_reports_before_and_after(tmp_path):
+    """configs/local/opsd.yaml, shrunk: the self-teacher (frozen base + the answer in context) scores
+    the student's rollouts, and the summary states the base -> student accuracy."""
+    config = Path(__file__).resolve().parents[1] / "configs" / "local" / "opsd.yaml"
+    shrink = ["student.model.num_layers=2", "student.model.hidden_size=64", "student.model.ffn_hidden_size=128",
+              "student.train.global_batch_size=16", "student.train.micro_batch_size=16", "data.num_prompts=100",
+              "student.optimizer.warmup_steps=0",
+              "eval.num_prompts=8", "eval.samples_per_prompt=2", "eval.pass_k=[1,2]", "checkpoint.save_every=0",
+              "logging.wandb_mode=disabled", "logging.progress_bar=false",
+              "stages=[{name: base, kind: sft, role: base, overrides: [student.train.steps=6]}, "
+              "{name: opsd, kind: opd, role: student, init_from: base, overrides: [student.train.steps=3]}]"]
+    run_mopd("run", str(config), f"output_dir={tmp_path}", *shrink)
+    summary = json.loads((tmp_path / "opsd" / "summary.json").read_text())
+    row = summary["domains"]["caesar"]
+    assert 0.0 <= row["base"] <= 1.0 and 0.0 <= row["student"] <= 1.0
+    assert any(line.startswith("caesar: base ") for line in summary["verdicts"]["plainly"])
+    steps = [r for r in history(tmp_path / "opsd", "opsd") if "train/loss" in r]
+    assert len(steps) == 3 and all(r["teacher/self/routed_tokens"] == r["train/tokens"] for r in steps)
+    # The teacher is the frozen base shown the answer: its view of the student's tokens differs from
+    # the student's own (a KL of exactly 0 would mean the PI never reached the teacher's context).
+    assert all(abs(r["teacher/self/kl_sample"]) > 1e-4 for r in steps)
+
+
+def test_overlapped_generation_uses_weights_exactly_one_version_old(full_run, tmp_path):
+    """rollout.max_staleness=1: step n+1's rollouts are generated while step n trains."""
+    run_dir = tmp_path / "overlap"
+    run_mopd("run", str(ASSET), *opd_only(run_dir, full_run), "rollout.max_staleness=1",
+             "distill.objectives=[{name: forward_kl_topk}, {name: reverse_kl_sampled, coef: 0.1, importance_ratio: true}]",
+             "--resume")
+    rows = [r for r in history(run_dir, "unify") if "rollout/weight_version" in r]
+    synchronous = [r for r in history(full_run, "unify") if "rollout/weight_version" in r]
+    assert [r["rollout/weight_version"] for r in synchronous] == [r["step"] - 1 for r in synchronous]
+    assert [r["rollout/weight_version"] for r in rows] == [0.0] + [r["step"] - 2 for r in rows[1:]]
+    assert len(losses(run_dir)) == 6

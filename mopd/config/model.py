@@ -268,6 +268,9 @@ class StudentConfig:
             out.append(Problem("parallel.tensor_parallel", tp, f"must divide the query groups ({groups})"))
         if m.ffn_hidden_size % tp:
             out.append(Problem("parallel.tensor_parallel", tp, f"must divide model.ffn_hidden_size={m.ffn_hidden_size}"))
+        if self.optimizer.warmup_steps >= self.train.steps:
+            out.append(Problem("optimizer.warmup_steps", self.optimizer.warmup_steps,
+                               f"must be smaller than train.steps={self.train.steps}"))
         if m.num_layers % self.parallel.pipeline_parallel:
             out.append(Problem("parallel.pipeline_parallel", self.parallel.pipeline_parallel,
                                f"must divide model.num_layers={m.num_layers}"))
