@@ -79,7 +79,7 @@ def evaluate_checkpoint(config: RunConfig, hf_dir: str) -> dict:
     """`mopd eval`: per-domain accuracy of an HF folder on the config's eval prompts (rank 0 prints)."""
     from mopd.stages.common import evaluate_hf_dir
 
-    ctx = _start(config, resume=True)
+    ctx = _start(config, resume=True, writes=False)
     try:
         result = evaluate_hf_dir(ctx, config, Path(hf_dir))
         if ctx.is_logger:
@@ -91,12 +91,12 @@ def evaluate_checkpoint(config: RunConfig, hf_dir: str) -> dict:
         destroy_parallel(process_group=True)
 
 
-def _start(config: RunConfig, resume: bool) -> RunContext:
+def _start(config: RunConfig, resume: bool, writes: bool = True) -> RunContext:
     _default_single_process_env()
     _quiet_libraries()
     layout = init_parallel(config.student.parallel, seed=config.seed)
     run_dir = Path(config.output_dir) / config.name
-    if layout.rank == 0:
+    if layout.rank == 0 and writes:
         stages_dir = run_dir / "stages"
         if stages_dir.is_dir() and any(stages_dir.iterdir()) and not resume:
             raise ConfigError(f"{run_dir} already holds stages of a run: pass --resume to continue it, or choose "

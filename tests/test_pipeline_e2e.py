@@ -190,3 +190,17 @@ def test_overlapped_generation_uses_weights_exactly_one_version_old(full_run, tm
     assert [r["rollout/weight_version"] for r in synchronous] == [r["step"] - 1 for r in synchronous]
     assert [r["rollout/weight_version"] for r in rows] == [0.0] + [r["step"] - 2 for r in rows[1:]]
     assert len(losses(run_dir)) == 6
+
+
+def test_mopd_eval_of_a_stage_folder_reproduces_the_stage_own_evaluation(full_run):
+    proc = run_mopd("eval", str(ASSET), "--hf-dir", str(full_run / "stages" / "unify" / "hf"))
+    printed = json.loads(proc.stdout[proc.stdout.index("{"):])
+    recorded = json.loads((full_run / "stages" / "unify" / "output.json").read_text())["eval"]
+    assert printed == recorded  # same held-out prompts, same seeds, same weights
+
+
+def test_an_hf_folder_as_init_from_is_refused_with_the_conversion_command(full_run, tmp_path):
+    proc = subprocess.run(mopd_command("run", str(ASSET), f"output_dir={tmp_path}",
+                                       f"stages=[{{name: s, kind: sft, init_from: {full_run}/stages/base/hf}}]"),
+                          env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "tools/convert_hf.py import" in proc.stderr

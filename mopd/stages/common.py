@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from mopd.config import RunConfig, StageConfig
 from mopd.data.sampler import PromptSampler
+from mopd.errors import ConfigError
 from mopd.data.sources import build_source
 from mopd.data.synthetic import PiMode
 from mopd.metrics import Metrics
@@ -84,11 +85,17 @@ def resume_stage(run: StageRun) -> dict:
 
 
 def init_weights(ctx: RunContext, stage: StageConfig) -> Path | None:
+    """The Megatron weights a stage starts from: an earlier stage's, or a converted checkpoint folder."""
     if stage.init_from is None:
         return None
     if stage.init_from in ctx.outputs:
         return ctx.stage_dir_of(stage.init_from) / "weights"
-    return Path(stage.init_from)
+    path = Path(stage.init_from)
+    if (path / "config.json").is_file() and not (path / "metadata.json").is_file():
+        raise ConfigError(f"stages[{stage.name}].init_from={stage.init_from!r} is an HF folder; convert it once with "
+                          f"`python tools/convert_hf.py import --hf-dir {path} --megatron-dir OUT --tp N` and start "
+                          "from OUT")
+    return path
 
 
 def train_on(run: StageRun, rollouts: list[Rollout] | None, routing: Routing | None,

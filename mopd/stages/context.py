@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
 from mopd.config import RunConfig, StageConfig
@@ -104,6 +103,3 @@ def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
 
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
