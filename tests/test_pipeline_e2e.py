@@ -204,3 +204,13 @@ def test_an_hf_folder_as_init_from_is_refused_with_the_conversion_command(full_r
                                        f"stages=[{{name: s, kind: sft, init_from: {full_run}/stages/base/hf}}]"),
                           env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "tools/convert_hf.py import" in proc.stderr
+
+
+def test_per_token_routing_runs_in_the_loop_and_accounts_for_every_token(full_run, tmp_path):
+    run_dir = tmp_path / "per_token"
+    run_mopd("run", str(ASSET), *opd_only(run_dir, full_run), "distill.router.granularity=token",
+             "distill.router.token_rule=confidence", "student.train.steps=2", "--resume")
+    rows = [r for r in history(run_dir, "unify") if "train/tokens" in r]
+    assert len(rows) == 2
+    for r in rows:
+        assert r["teacher/rev/routed_tokens"] + r["teacher/rot/routed_tokens"] == r["train/tokens"]
