@@ -214,3 +214,33 @@ def test_per_token_routing_runs_in_the_loop_and_accounts_for_every_token(full_ru
     assert len(rows) == 2
     for r in rows:
         assert r["teacher/rev/routed_tokens"] + r["teacher/rot/routed_tokens"] == r["train/tokens"]
+
+
+def test_opd_with_sglang_as_the_rollout_engine_over_http(full_run, tmp_path):
+    """rollout.engine=sglang against the protocol server (SGLang's own schema checks every request and
+    response): rollouts come over HTTP and every step's weights reach the server through disk sync."""
+    from safetensors.torch import load_file
+    from sglang_protocol_server import ProtocolServer, load_api_types
+
+    from mopd.rollout.embedded import EmbeddedEngine
+
+    api = load_api_types()
+    if api is None:
+        pytest.skip("sglang wheel (api_types.py) not installed; launch/setup.sh installs it")
+    base_hf = full_run / "stages" / "base" / "hf"
+    server = ProtocolServer(EmbeddedEngine.from_pretrained(base_hf, name="server"), api, model_path=str(base_hf)).start()
+    run_dir = tmp_path / "sglang"
+    try:
+        run_mopd("run", str(ASSET), *opd_only(run_dir, full_run), "rollout.engine=sglang",
+                 f"rollout.sglang.endpoints=[{server.url}]", "rollout.sglang.weight_sync=disk",
+                 f"rollout.sglang.model_path={base_hf}", "student.train.steps=3", "--resume")
+    finally:
+        server.stop()
+    assert server.violations == []
+    assert server.calls.count("/update_weights_from_disk") == 4  # initial weights + one per step
+    assert server.max_active >= 1  # the rollouts came over HTTP (/generate)
+    assert server.engine.weight_version == 3
+    final = load_file(run_dir / "stages" / "unify" / "hf" / "model.safetensors")
+    held = server.engine.model.state_dict()
+    assert all(torch.equal(held[name], tensor) for name, tensor in final.items())
+    assert len(list((run_dir / "stages" / "unify" / "weight_sync").glob("v*"))) == 1

@@ -330,6 +330,9 @@ class SGLangEngine(Engine):
             self._control("/update_weights_from_disk", {
                 "model_path": str(target), "weight_version": str(version), "flush_cache": True, "abort_all_requests": False,
             }, idempotent=False)
+        for old in Path(self.sync.disk_dir).glob("v*"):  # the servers hold this version now; a model per step adds up
+            if old != target and old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
 
     # ------------------------------------------------------------------ health
 

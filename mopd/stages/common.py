@@ -16,7 +16,9 @@ from mopd.data.sources import build_source
 from mopd.data.synthetic import PiMode
 from mopd.metrics import Metrics
 from mopd.objectives import mean_metrics
+from mopd.config import EngineKind
 from mopd.rollout.embedded import EmbeddedEngine
+from mopd.rollout.engine import Engine
 from mopd.stages.batches import my_share
 from mopd.stages.context import RunContext, StageOutput, barrier, broadcast
 from mopd.stages.evaluate import as_dict, evaluate_engine
@@ -178,8 +180,24 @@ def evaluate_hf_dir(ctx: RunContext, config: RunConfig, hf_dir: Path) -> dict:
     return broadcast(result)
 
 
-def rollout_engine(run: StageRun) -> EmbeddedEngine | None:
-    """The embedded rollout engine on rank 0, holding the student's current weights (version = step)."""
-    engine = hf_engine(run.config.student.model, run.ctx.tokenizer, name="rollout") if run.ctx.is_logger else None
+def rollout_engine(run: StageRun) -> Engine | None:
+    """The rollout engine, held by rank 0, loaded with the student's current weights (version = step).
+
+    ``rollout.engine: embedded`` is a transformers model in this process; ``sglang`` connects to
+    ``rollout.sglang.endpoints`` or launches servers (``launch: true``) and syncs weights into them over
+    an NCCL group (``weight_sync: distributed``) or through safetensors files (``disk``).
+    """
+    engine = _new_rollout_engine(run) if run.ctx.is_logger else None
     run.student.sync_into([engine], version=run.step)
     return engine
+
+
+def _new_rollout_engine(run: StageRun) -> Engine:
+    config = run.config
+    if config.rollout.engine == EngineKind.sglang:
+        from mopd.rollout.sglang_client import WeightSyncOptions
+        from mopd.rollout.sglang_launcher import sglang_engine
+
+        sync = WeightSyncOptions(disk_dir=str(run.dir / "weight_sync"), base_model_path=config.rollout.sglang.model_path)
+        return sglang_engine(config.rollout.sglang, name="rollout", sync=sync)
+    return hf_engine(config.student.model, run.ctx.tokenizer, name="rollout")

@@ -51,6 +51,20 @@ def run_opd(ctx: RunContext, stage: StageConfig, config: RunConfig) -> StageOutp
     sync = WeightSync(run.student.chunks, config.student.model, ctx.layout, teachers.consumers(engine))
     loss_fn = loss_fn_for(config.student, ctx.layout, teachers.objectives, teachers.names, teachers.coefs)
     alarm, prefetch = Alarm(config.diagnostics), Prefetch(config.rollout.max_staleness)
+    try:
+        _loop(run, engine, teachers, sync, loss_fn, alarm, prefetch)
+    finally:
+        prefetch.close()
+        if engine is not None:
+            engine.close()  # SGLang: stops servers this run launched
+    maybe_checkpoint(run, extra=teachers.state(), force=True)
+    return finish_stage(run)
+
+
+def _loop(run: StageRun, engine, teachers: TeacherSet, sync: WeightSync, loss_fn, alarm: Alarm,
+          prefetch: Prefetch) -> None:
+    """DESIGN.md §1, one iteration per optimizer step."""
+    ctx, config, train = run.ctx, run.config, run.config.student.train
     while run.step < train.steps:
         rollouts = routing = scores = rewards = None
         prompts = next(run.sampler)  # every rank advances the sampler: checkpoints record its position
@@ -70,9 +84,6 @@ def run_opd(ctx: RunContext, stage: StageConfig, config: RunConfig) -> StageOutp
         log_step(run, result, step_diagnostics(run, rollouts, routing, scores, rewards, teachers, alarm))
         maybe_checkpoint(run, extra=teachers.state())
         maybe_evaluate(run, engine)
-    prefetch.close()
-    maybe_checkpoint(run, extra=teachers.state(), force=True)
-    return finish_stage(run)
 
 
 def step_sampling(config: RunConfig, step: int) -> SamplingConfig:
