@@ -125,13 +125,16 @@ def test_sft_lowers_the_loss_of_an_expert(full_run):
 def test_opd_killed_mid_run_resumes_to_the_same_metrics(full_run, tmp_path):
     run_dir = tmp_path / "killed"
     args = ["run", str(ASSET), *opd_only(run_dir, full_run), "--resume"]
-    proc = subprocess.Popen(mopd_command(*args), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # Its own session, so the kill takes the whole job (dist_checkpointing's writer child too), as
+    # a scheduler's would.
+    proc = subprocess.Popen(mopd_command(*args), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
     checkpoint = run_dir / "stages" / "unify" / "checkpoints" / "step_000004"
     deadline = time.monotonic() + 300
     while not checkpoint.is_dir() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert proc.poll() is None, f"the run ended before it could be killed:\n{proc.stderr.read().decode()[-3000:]}"
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (run_dir / "stages" / "unify" / "output.json").exists()  # it really died mid-stage
     run_mopd(*args)
