@@ -86,8 +86,10 @@ def _engine(ctx: RunContext, config: RunConfig, t: TeacherConfig, initial):
 
         from mopd.rollout.sglang_client import SGLangEngine
 
-        endpoints = [t.endpoint] if t.endpoint else None
-        engine = SGLangEngine(config.rollout.sglang, name=t.name, endpoints=endpoints)
+        if not t.endpoint:
+            raise ConfigError(f"distill.teachers[{t.name}].endpoint: an SGLang teacher is reached at its server's "
+                              "URL (slurm/mopd_70b.sh starts one server group per teacher and exports it)")
+        engine = SGLangEngine(config.rollout.sglang, name=t.name, endpoints=[t.endpoint])
         tokenizer = AutoTokenizer.from_pretrained(t.checkpoint) if t.checkpoint else ctx.tokenizer
         return engine, tokenizer
     if t.checkpoint is not None:
