@@ -17,6 +17,7 @@ from dataclasses import replace
 import torch
 
 from mopd.config import RunConfig, SamplingConfig, StageConfig
+from mopd.data.sampler import PromptSampler
 from mopd.data.synthetic import domain_verifier
 from mopd.diagnostics import Alarm, rollout_diagnostics
 from mopd.errors import ConfigError
@@ -32,7 +33,6 @@ from mopd.stages.common import (
     start_stage,
     train_on,
 )
-from mopd.data.sampler import PromptSampler
 from mopd.stages.context import RunContext, StageOutput
 from mopd.stages.teachers import TeacherSet, build_teacher_set
 from mopd.sync import WeightSync
