@@ -13,7 +13,6 @@ import os
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 
 from mopd.config import ModelConfig
 from mopd.errors import CheckpointError
@@ -23,16 +22,12 @@ def transformer_config(cfg: ModelConfig, dtype: torch.dtype):
     """Megatron TransformerConfig of a Llama-style decoder (RMSNorm, SwiGLU, RoPE, GQA) at TP=PP=1."""
     from megatron.core.transformer import TransformerConfig
 
+    from mopd.student.model import architecture_fields
+
     return TransformerConfig(
-        num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
-        num_query_groups=cfg.num_query_groups or cfg.num_attention_heads, kv_channels=cfg.head_dim,
-        ffn_hidden_size=cfg.ffn_hidden_size, normalization="RMSNorm", layernorm_epsilon=cfg.rms_norm_eps,
-        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, add_qkv_bias=cfg.add_qkv_bias,
-        qk_layernorm=cfg.qk_layernorm, init_method_std=cfg.init_method_std,
-        params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
-        use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0, bias_dropout_fusion=False,
-        apply_rope_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
+        **architecture_fields(cfg), params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        use_cpu_initialization=True, bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
+        persist_layer_norm=False, gradient_accumulation_fusion=False,
     )
 
 

@@ -41,22 +41,14 @@ def _fp8_fields(cfg: StudentConfig) -> dict:
     return fields
 
 
-def transformer_config(cfg: StudentConfig, layout: ParallelLayout):
-    """Megatron ``TransformerConfig`` for the student at this layout (Llama/Qwen fields)."""
-    from megatron.core.transformer import TransformerConfig
-
-    m, dtype = cfg.model, _TORCH_DTYPE[cfg.precision.dtype]
-    on_cpu = layout.device.type == "cpu"
-    if cfg.parallel.sequence_parallel and not _uses_te_spec(layout):
-        raise ConfigError(
-            "student.parallel.sequence_parallel=true needs the Transformer Engine layer spec (CUDA + TE); "
-            "the local spec's torch RMSNorm does not support it. Set student.parallel.sequence_parallel=false"
-        )
-    return TransformerConfig(
+def architecture_fields(m: ModelConfig) -> dict:
+    """The ``TransformerConfig`` fields that describe a Llama/Qwen decoder (RMSNorm, SwiGLU, GQA,
+    optional QKV bias and QK-norm); the one mapping the student and the HF converter share."""
+    return dict(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
         num_attention_heads=m.num_attention_heads,
-        num_query_groups=m.num_query_groups,
+        num_query_groups=m.num_query_groups or m.num_attention_heads,
         kv_channels=m.head_dim,
         ffn_hidden_size=m.ffn_hidden_size,
         normalization="RMSNorm",
@@ -69,6 +61,22 @@ def transformer_config(cfg: StudentConfig, layout: ParallelLayout):
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=m.init_method_std,
+    )
+
+
+def transformer_config(cfg: StudentConfig, layout: ParallelLayout):
+    """Megatron ``TransformerConfig`` for the student at this layout (Llama/Qwen fields)."""
+    from megatron.core.transformer import TransformerConfig
+
+    m, dtype = cfg.model, _TORCH_DTYPE[cfg.precision.dtype]
+    on_cpu = layout.device.type == "cpu"
+    if cfg.parallel.sequence_parallel and not _uses_te_spec(layout):
+        raise ConfigError(
+            "student.parallel.sequence_parallel=true needs the Transformer Engine layer spec (CUDA + TE); "
+            "the local spec's torch RMSNorm does not support it. Set student.parallel.sequence_parallel=false"
+        )
+    return TransformerConfig(
+        **architecture_fields(m),
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
         sequence_parallel=cfg.parallel.sequence_parallel,
