@@ -27,6 +27,12 @@ ROUTER_PORT=${ROUTER_PORT:-30100}
 VENV=${VENV:-$PWD/.venv}
 source "$VENV/bin/activate"
 mkdir -p logs
+# Rollout servers report raw (temperature-1) logprobs of sampled tokens, as the trainer's importance
+# ratios assume (mopd/rollout/sglang_launcher.py sets the same when mopd launches them).
+export SGLANG_RETURN_ORIGINAL_LOGPROB=1
+
+# The SGLang servers and the router run in the background; they stop with the job, however it ends.
+trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
 
 mapfile -t NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 IFS=',' read -ra TEACHER_SPECS <<< "$TEACHERS"
@@ -69,6 +75,3 @@ srun --nodes="$TRAIN_NODES" --ntasks-per-node=1 -w "$(IFS=,; echo "${TRAIN[*]}")
   torchrun --nnodes="$TRAIN_NODES" --nproc-per-node=8 --rdzv-backend=c10d \
     --rdzv-endpoint="$MASTER_ADDR:29500" --rdzv-id="$SLURM_JOB_ID" \
     -m mopd.cli run "$CONFIG" "${overrides[@]}" --resume
-status=$?
-kill 0 2>/dev/null || true   # stop the SGLang servers and the router with the job step
-exit $status
