@@ -24,8 +24,13 @@ def run_script(tmp_path: Path, nodes: int, **env) -> tuple[subprocess.CompletedP
     (venv / "bin" / "activate").write_text("")
     log = tmp_path / "calls.log"
     fake(bin_dir, "scontrol", f'for i in $(seq 0 {nodes - 1}); do echo "n$i"; done\n')
-    # Each srun call is one line; the trainer's also records the teacher URLs it was given.
-    fake(bin_dir, "srun", f'echo "srun $* | $(env | grep ^MOPD_TEACHER_URL_ | sort | tr "\\n" " ")" >> {log}\n')
+    # Each srun call is one line; the trainer's also records the teacher URLs it was given. Like a real
+    # training step, the trainer's call outlives the background servers' start (7 = 6 servers + router).
+    fake(bin_dir, "srun", f"""if [[ "$*" == *torchrun* ]]; then
+  for _ in $(seq 200); do [ "$(grep -c launch_ {log} 2>/dev/null)" -ge 7 ] && break; sleep 0.05; done
+fi
+echo "srun $* | $(env | grep ^MOPD_TEACHER_URL_ | sort | tr "\\n" " ")" >> {log}
+""")
     fake(bin_dir, "mopd", f'exec {sys.executable} -m mopd.cli "$@"\n')
     proc = subprocess.run(["bash", str(SCRIPT)], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                           start_new_session=True,
