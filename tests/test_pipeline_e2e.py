@@ -86,6 +86,8 @@ def test_full_run_writes_every_stage_a_summary_and_a_plot(full_run):
     for key in ("teacher/rev/kl_sample", "teacher/rot/top1pct_share", "teacher/rev/entropy", "teacher/rot/kl_pos0",
                 "teacher/rev/routed_tokens", "timing/generate", "timing/score", "timing/train", "timing/sync"):
         assert key in keys, key
+    periodic = [r["step"] for r in history(full_run, "unify") if "eval/reverse/greedy_accuracy" in r]
+    assert periodic == [3.0, 6.0]  # eval.every_steps=3 during opd, for the accuracy-over-steps plot
 
 
 def test_opd_supervises_every_response_token_and_the_sft_baseline_matches_its_budget(full_run):

@@ -120,7 +120,7 @@ class EvalConfig:
     max_new_tokens: int | None = None
     """Null: rollout.sampling.max_new_tokens."""
     every_steps: int = 0
-    """Also evaluate every N optimizer steps inside sft/opd stages (0: only at the end)."""
+    """Also evaluate every N optimizer steps inside opd stages, on the rollout engine (0: only at the end)."""
 
     def problems(self) -> list[Problem]:
         out = positive(self, "num_prompts") + at_least(self, 0, "samples_per_prompt", "every_steps")

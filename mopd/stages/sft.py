@@ -16,7 +16,6 @@ from mopd.stages.common import (
     finish_stage,
     log_step,
     maybe_checkpoint,
-    maybe_evaluate,
     resume_stage,
     start_stage,
     train_on,
@@ -45,7 +44,6 @@ def run_sft(ctx: RunContext, stage: StageConfig, config: RunConfig) -> StageOutp
         result = train_on(run, rollouts, routing, scores, loss_fn, (REFERENCE,))
         log_step(run, result, {})
         maybe_checkpoint(run)
-        maybe_evaluate(run, None)
     maybe_checkpoint(run, force=True)
     return finish_stage(run)
 
