@@ -118,7 +118,9 @@ def test_a_killed_import_leaves_no_output_folder_and_a_rerun_succeeds(big_hf, tm
     cmd = [sys.executable, "tools/convert_hf.py", "import", "--hf-dir", str(hf), "--megatron-dir", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     repo = Path(__file__).resolve().parents[1]
-    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Its own session, so the kill takes the whole job (dist_checkpointing's writer child too).
+    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
@@ -127,11 +129,11 @@ def test_a_killed_import_leaves_no_output_folder_and_a_rerun_succeeds(big_hf, tm
                 break
             time.sleep(0.02)
         assert proc.poll() is None, "the import finished before it could be interrupted"
-        proc.send_signal(signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
     assert not out.exists()
     leftovers = list(tmp_path.glob(".meg.partial-*"))
     assert leftovers and not (leftovers[0] / "mopd_model.yaml").exists()
