@@ -116,3 +116,27 @@ def _check_alive(procs: list, outputs: dict, deadline: float, timeout: float) ->
     if time.monotonic() > deadline:
         missing = sorted(set(range(len(procs))) - set(outputs))
         raise WorkerError(f"ranks {missing} did not finish within {timeout:.0f} s")
+
+
+def full_logits(model, ids, layout, vocab_size: int):
+    """[B, S, vocab_size] logits of an unwrapped GPTModel at any TP/PP, on the last stage (None elsewhere).
+
+    A plain forward: activations go stage to stage point-to-point, and the last stage gathers its
+    vocabulary shards over TP and drops the padded columns. Every rank of the model must call it.
+    """
+    import torch
+    import torch.distributed as dist
+
+    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    with torch.no_grad():
+        if not layout.is_first_stage:
+            hidden = torch.empty(ids.shape[1], ids.shape[0], model.config.hidden_size)
+            dist.recv(hidden, group=layout.pp_group, group_src=layout.pp_rank - 1)
+            model.set_input_tensor(hidden)
+        out = model(ids, positions, None)
+        if not layout.is_last_stage:
+            dist.send(out.contiguous(), group=layout.pp_group, group_dst=layout.pp_rank + 1)
+            return None
+    shards = [torch.empty_like(out) for _ in range(layout.tp)]
+    dist.all_gather(shards, out.contiguous(), group=layout.tp_group)
+    return torch.cat(shards, dim=-1)[..., :vocab_size]

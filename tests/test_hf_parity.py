@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_utils import run_on_ranks
+from dist_utils import full_logits, run_on_ranks
 
 from mopd.config import ParallelConfig, StudentConfig
 from mopd.hf import import_hf
@@ -91,20 +91,9 @@ def _check_case(case_dir: Path, layout) -> dict:
 def _megatron_logits_diff(case_dir: Path, cfg, model, layout) -> dict | None:
     """The forward at this layout (p2p between stages) against the HF logits."""
     ref = torch.load(case_dir / "hf_logits.pt")
-    ids = ref["ids"]
-    positions = torch.arange(ids.shape[1]).expand_as(ids)
-    with torch.no_grad():
-        if not layout.is_first_stage:
-            hidden = torch.empty(ids.shape[1], ids.shape[0], cfg.hidden_size)
-            torch.distributed.recv(hidden, group=layout.pp_group, group_src=layout.pp_rank - 1)
-            model.set_input_tensor(hidden)
-        out = model(ids, positions, None)
-        if not layout.is_last_stage:
-            torch.distributed.send(out.contiguous(), group=layout.pp_group, group_dst=layout.pp_rank + 1)
-            return None
-    shards = [torch.empty_like(out) for _ in range(layout.tp)]
-    torch.distributed.all_gather(shards, out.contiguous(), group=layout.tp_group)
-    logits = torch.cat(shards, dim=-1)[..., : cfg.vocab_size]
+    logits = full_logits(model, ref["ids"], layout, cfg.vocab_size)
+    if logits is None:
+        return None
     return {"max_abs_diff": (logits - ref["logits"]).abs().max().item(), "ref_std": ref["logits"].std().item()}
 
 

@@ -15,7 +15,7 @@ import threading
 
 import pytest
 import torch
-from dist_utils import run_on_ranks
+from dist_utils import full_logits, run_on_ranks
 
 from mopd.config import ModelConfig, OptimizerConfig, ParallelConfig, StudentConfig, TrainConfig
 from mopd.errors import EngineError
@@ -185,20 +185,7 @@ def student_logits(chunks, layout) -> torch.Tensor | None:
     """[B, S, VOCAB] logits of the Megatron student (last stage; p2p between stages), else None."""
     from mopd.hf.gather import unwrap
 
-    model = unwrap(chunks[0]).eval()
-    positions = torch.arange(IDS.shape[1]).expand_as(IDS)
-    with torch.no_grad():
-        if not layout.is_first_stage:
-            hidden = torch.empty(IDS.shape[1], IDS.shape[0], model.config.hidden_size)
-            torch.distributed.recv(hidden, group=layout.pp_group, group_src=layout.pp_rank - 1)
-            model.set_input_tensor(hidden)
-        out = model(IDS, positions, None)
-        if not layout.is_last_stage:
-            torch.distributed.send(out.contiguous(), group=layout.pp_group, group_dst=layout.pp_rank + 1)
-            return None
-    shards = [torch.empty_like(out) for _ in range(layout.tp)]
-    torch.distributed.all_gather(shards, out.contiguous(), group=layout.tp_group)
-    return torch.cat(shards, dim=-1)[..., :VOCAB]
+    return full_logits(unwrap(chunks[0]).eval(), IDS, layout, VOCAB)
 
 
 def engine_logits(engine) -> torch.Tensor:
