@@ -34,6 +34,10 @@ class Prompt:
     """Reference answer for the domain's verifier."""
     metadata: dict[str, str] = field(default_factory=dict)
     """Free-form string metadata that routing rules can match on."""
+    messages: tuple[dict[str, str], ...] | None = None
+    """The conversation ``ids`` render (``{"role", "content"}`` dicts), set whenever the tokenizer has a
+    chat template, so a teacher can re-render it (with PI inside, or in its own template); None for a
+    plain-text prompt."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +60,8 @@ class Rollout:
     reference: str | None = None
     text: str = ""
     """The decoded response (for verifiers and logs)."""
+    messages: tuple[dict[str, str], ...] | None = None
+    """The prompt's conversation (``Prompt.messages``); None for a plain-text prompt."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,7 @@ LINES = [
     json.dumps({"prompt": "hello", "domain": "poetry"}),  # 7: unknown domain
     json.dumps({"prompt": "rev:" + "a" * 40 + "=", "domain": "reverse"}),  # 8: too long
     json.dumps(["rev:abc="]),  # 9: not an object
-    json.dumps({"prompt": "rev:xyz=", "domain": "reverse", "pi": 3}),  # 10: wrong type (pi)
+    json.dumps({"prompt": "rev:xyz=", "domain": "reverse", "pi": [3]}),  # 10: wrong type (pi)
     json.dumps({"prompt": "rev:qrs="}),  # no domain field: "default", which is not a listed domain
     json.dumps({"prompt": "   ", "domain": "reverse"}),  # 12: empty prompt counts as missing
     json.dumps({"prompt": "rev:ok=", "domain": "reverse"}),
@@ -162,7 +162,7 @@ def test_prompts_are_rendered_with_the_chat_template_when_the_tokenizer_has_one(
     (p,) = jsonl_source(path, tok, config(path, max_prompt_tokens=64))
     assert p.text == "rev:abc="
     assert p.ids.tolist() == TOK.encode("<user>rev:abc=\n<assistant>")  # one <bos>, from the template
-    render = PromptRenderer(tok, {"enable_thinking": False})
+    render = PromptRenderer(tok, enable_thinking=False)
     assert render("hi") == TOK.encode("<user>hi\n<assistant>/nothink ")
     cfg = load_config(overrides=["data.source=jsonl", f"data.path={path}", "data.enable_thinking=false"]).data
     (p,) = build_source(cfg, tok)

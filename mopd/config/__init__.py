@@ -6,6 +6,7 @@ from mopd.config.distill import (
     EngineKind,
     ObjectiveConfig,
     ObjectiveName,
+    PIPlacement,
     RolloutConfig,
     RouteGranularity,
     RouteRule,

@@ -28,6 +28,17 @@ class TeacherKind(str, Enum):
     """The student's own initial (or EMA) weights shown privileged information."""
 
 
+class PIPlacement(str, Enum):
+    """Where privileged information goes in a chat-templated conversation (``mopd.data.chat.place_pi``)."""
+
+    system = "system"
+    """As the system message: replaces the conversation's system message, or is added first."""
+    system_append = "system_append"
+    """Appended to the conversation's system message after a blank line (added first when there is none)."""
+    user = "user"
+    """In the last user message, joined with its text by ``pi_template`` (before or after it)."""
+
+
 class EngineKind(str, Enum):
     embedded = "embedded"
     """In-process HuggingFace transformers model (CPU, tests, small machines)."""
@@ -109,16 +120,36 @@ class TeacherConfig:
     objectives: list[ObjectiveConfig] = field(default_factory=list)
     """Override the run's objective for this teacher (empty: use distill.objectives)."""
     pi_template: str = "{pi}\n\n{prompt}"
-    """self_pi: how the privileged context is built from the prompt and its PI."""
+    """self_pi: how PI and the prompt's text are joined: around a plain-text prompt, or around the
+    user's text when pi_placement=user ("{pi}\n\n{prompt}" before it, "{prompt}\n\n{pi}" after it)."""
+    pi_placement: PIPlacement = PIPlacement.user
+    """self_pi with a chat template: where the PI goes when the conversation is re-rendered for the
+    teacher (system, system_append or user). Plain-text prompts (no chat template) need user."""
+    shared_pi: str | None = None
+    """self_pi: one privileged text shown with every prompt, a shared rule such as a system prompt the
+    student should internalise. Null: each prompt's own PI (instance PI, read from data.pi_field)."""
     ema_decay: float = 0.0
     """self_pi: 0 keeps the initial weights frozen; otherwise an EMA of the student with this decay."""
+
+    def _pi_problems(self) -> list[Problem]:
+        out = []
+        if "{pi}" not in self.pi_template or self.pi_template.count("{prompt}") != 1:
+            out.append(Problem("pi_template", self.pi_template, "must contain {pi} and exactly one {prompt}"))
+        elif self.pi_placement != PIPlacement.user and self.pi_template != "{pi}\n\n{prompt}":
+            out.append(Problem("pi_template", self.pi_template,
+                               f"is only used with pi_placement=user (it is {self.pi_placement.value})"))
+        if self.shared_pi is not None and not self.shared_pi.strip():
+            out.append(Problem("shared_pi", self.shared_pi, "must be non-empty text (null: each prompt's own PI)"))
+        return out
 
     def problems(self) -> list[Problem]:
         out = positive(self, "top_k")
         if not 0.0 <= self.ema_decay < 1.0:
             out.append(Problem("ema_decay", self.ema_decay, "must be in [0, 1)"))
-        if self.kind == TeacherKind.self_pi and "{pi}" not in self.pi_template:
-            out.append(Problem("pi_template", self.pi_template, "must contain {pi}"))
+        if self.kind == TeacherKind.self_pi:
+            out += self._pi_problems()
+        elif self.shared_pi is not None:
+            out.append(Problem("shared_pi", self.shared_pi, "is only read by kind=self_pi teachers"))
         if self.engine == EngineKind.sglang and not (self.endpoint or self.checkpoint):
             out.append(Problem("endpoint", None, "an sglang teacher needs endpoint or checkpoint"))
         return out

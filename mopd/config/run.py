@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from mopd.config.checks import Problem, at_least, positive
-from mopd.config.distill import DistillConfig, RolloutConfig
+from mopd.config.distill import DistillConfig, PIPlacement, RolloutConfig
 from mopd.config.model import StudentConfig
 
 
@@ -41,6 +41,13 @@ class DataConfig:
     domains: list[str] = field(default_factory=list)
     """Synthetic domains to generate, or the domains to keep (empty keeps all)."""
     prompt_field: str = "prompt"
+    """A record's prompt: a string, or a list of {role, content} messages (TRL's conversational format)."""
+    messages_field: str = "messages"
+    """A record's conversation (a list of {role, content} messages), read when it has no prompt field."""
+    system_prompt: str | None = None
+    """System message put before every plain-string prompt when the tokenizer has a chat template
+    (the student's conversation is then [system, user]); null: [user] only, so the template's default
+    system message, if it has one, applies. Never given to conversations, which carry their own."""
     domain_field: str = "domain"
     pi_field: str = "pi"
     reference_field: str = "reference"
@@ -58,6 +65,9 @@ class DataConfig:
     learns to use privileged context (what a PI self-teacher relies on)."""
     pi_template: str = "{pi}\n\n{prompt}"
     """How PI and prompt are joined for pi_in_prompt (use the same template as the self-teacher)."""
+    pi_placement: PIPlacement = PIPlacement.user
+    """Where pi_in_prompt puts the PI in a chat-templated conversation (use the self-teacher's
+    pi_placement, so a base learns to read PI where the teacher will show it)."""
     enable_thinking: bool | None = None
     """Passed to the tokenizer's chat template as ``enable_thinking`` (Qwen3-style thinking on/off);
     null passes nothing. Ignored when the tokenizer has no chat template."""
@@ -68,8 +78,10 @@ class DataConfig:
             out.append(Problem("source", self.source, "must be one of ['hf', 'jsonl', 'synthetic']"))
         if not 0.0 <= self.pi_in_prompt <= 1.0:
             out.append(Problem("pi_in_prompt", self.pi_in_prompt, "must be in [0, 1]"))
-        if "{pi}" not in self.pi_template or "{prompt}" not in self.pi_template:
-            out.append(Problem("pi_template", self.pi_template, "must contain {pi} and {prompt}"))
+        if "{pi}" not in self.pi_template or self.pi_template.count("{prompt}") != 1:
+            out.append(Problem("pi_template", self.pi_template, "must contain {pi} and exactly one {prompt}"))
+        if self.system_prompt is not None and not self.system_prompt.strip():
+            out.append(Problem("system_prompt", self.system_prompt, "must be non-empty text or null"))
         if self.pi_mode not in ("answer", "hint", "none"):
             out.append(Problem("pi_mode", self.pi_mode, "must be one of ['answer', 'hint', 'none']"))
         if self.source in ("jsonl", "hf") and not self.path:

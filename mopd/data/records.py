@@ -1,7 +1,7 @@
 """Validation of raw prompt records (JSONL lines, HF dataset rows) and the bad-record report.
 
-A record is a JSON object with a prompt and optional domain, PI and reference fields (names from
-``DataConfig``). Anything else is a ``BadRecord`` with its 1-based line (or 0-based row) and a reason.
+A record is a JSON object with a prompt (a string or a list of chat messages) or a messages field,
+and optional domain, PI and reference fields (names from ``DataConfig``). Anything else is a ``BadRecord`` with its 1-based line (or 0-based row) and a reason.
 Loading tolerates up to ``max_bad_fraction`` bad records and then stops with a DataError that names
 the file, the count per reason and the first few line numbers of each.
 """
@@ -33,6 +33,7 @@ class FieldNames:
     """Which keys of a record hold what (``DataConfig.*_field``)."""
 
     prompt: str = "prompt"
+    messages: str = "messages"
     domain: str = "domain"
     pi: str = "pi"
     reference: str = "reference"
@@ -51,9 +52,9 @@ class Record:
     reference: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     """The record's other scalar fields, as strings (routing rules can match on them)."""
-    messages: tuple[tuple[str, str], ...] | None = None
-    """``(role, content)`` pairs when the prompt field held a conversation (TRL's conversational
-    format); rendered with the chat template as a whole."""
+    messages: tuple[dict[str, str], ...] | None = None
+    """``{"role", "content"}`` messages when the record held a conversation (its prompt field as a list,
+    TRL's conversational format, or its messages field); rendered with the chat template as a whole."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,20 +73,29 @@ def _optional_text(raw: dict, key: str, location: int, allow_int: bool = False) 
     return BadRecord(location, BadReason.wrong_type, f"field {key!r} is {type(value).__name__}, expected a string")
 
 
-def _messages(value: list, key: str, location: int) -> tuple[tuple[str, str], ...] | BadRecord:
+def _messages(value: list, key: str, location: int) -> tuple[dict[str, str], ...] | BadRecord:
     out = []
     for i, m in enumerate(value):
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             return BadRecord(location, BadReason.wrong_type,
                              f"{key}[{i}] is not a message with string 'role' and 'content'")
-        out.append((m["role"], m["content"]))
-    if not any(role == "user" and content.strip() for role, content in out):
+        out.append({"role": m["role"], "content": m["content"]})
+    if not any(m["role"] == "user" and m["content"].strip() for m in out):
         return BadRecord(location, BadReason.missing_prompt, f"conversation {key!r} has no non-empty user message")
     return tuple(out)
 
 
-def _prompt(raw: dict, key: str, location: int) -> tuple[str, tuple[tuple[str, str], ...] | None] | BadRecord:
-    """``(text, messages)`` from a string prompt or a list of chat messages."""
+def _prompt(raw: dict, fields: FieldNames, location: int) -> tuple[str, tuple[dict[str, str], ...] | None] | BadRecord:
+    """``(text, messages)`` from a string prompt, a list of chat messages, or the messages field."""
+    key = fields.prompt
+    if key not in raw and fields.messages in raw:
+        key = fields.messages
+        if not isinstance(raw[key], list):
+            return BadRecord(location, BadReason.wrong_type,
+                             f"field {key!r} is {type(raw[key]).__name__}, expected a list of messages")
+    elif key in raw and fields.messages in raw and fields.messages != key:
+        return BadRecord(location, BadReason.wrong_type,
+                         f"record has both {key!r} and {fields.messages!r}; give one of them")
     prompt = raw.get(key)
     if prompt is None or prompt == [] or (isinstance(prompt, str) and not prompt.strip()):
         return BadRecord(location, BadReason.missing_prompt, f"no non-empty {key!r} field")
@@ -97,18 +107,18 @@ def _prompt(raw: dict, key: str, location: int) -> tuple[str, tuple[tuple[str, s
     messages = _messages(prompt, key, location)
     if isinstance(messages, BadRecord):
         return messages
-    return next(c for r, c in reversed(messages) if r == "user" and c.strip()), messages
+    return next(m["content"] for m in reversed(messages) if m["role"] == "user" and m["content"].strip()), messages
 
 
 def parse_record(raw: object, location: int, fields: FieldNames, domains: frozenset[str] | None) -> Record | BadRecord:
     """Validate one decoded record; ``domains`` (when set) lists the domains to accept."""
     if not isinstance(raw, dict):
         return BadRecord(location, BadReason.not_an_object, f"record is {type(raw).__name__}, expected an object")
-    prompt = _prompt(raw, fields.prompt, location)
+    prompt = _prompt(raw, fields, location)
     if isinstance(prompt, BadRecord):
         return prompt
     text, messages = prompt
-    parsed = [_optional_text(raw, fields.domain, location), _optional_text(raw, fields.pi, location),
+    parsed = [_optional_text(raw, fields.domain, location), _optional_text(raw, fields.pi, location, allow_int=True),
               _optional_text(raw, fields.reference, location, allow_int=True)]
     for value in parsed:
         if isinstance(value, BadRecord):
@@ -118,7 +128,7 @@ def parse_record(raw: object, location: int, fields: FieldNames, domains: frozen
         what = f"domain {domain!r}" if domain else f"no {fields.domain!r} field, so domain {DEFAULT_DOMAIN!r},"
         return BadRecord(location, BadReason.unknown_domain, f"{what} is not one of data.domains {sorted(domains)}")
     domain = domain or DEFAULT_DOMAIN
-    used = {fields.prompt, fields.domain, fields.pi, fields.reference}
+    used = {fields.prompt, fields.messages, fields.domain, fields.pi, fields.reference}
     metadata = {k: str(v) for k, v in raw.items()
                 if k not in used and isinstance(v, (str, int, float, bool))}
     return Record(location, text, domain, pi, reference, metadata, messages)

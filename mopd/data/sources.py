@@ -9,15 +9,15 @@ draws batches from a source and can resume mid-epoch.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from mopd.config.run import DataConfig
+from mopd.data.chat import Messages, check_takes_system_message, conversation, has_chat_template, render_chat
 from mopd.data.records import BadReason, BadRecord, FieldNames, Record, RecordReport, parse_json_line, parse_record
 from mopd.data.synthetic import PiMode, generate
 from mopd.errors import DataError
@@ -27,34 +27,43 @@ logger = logging.getLogger(__name__)
 
 
 class PromptRenderer:
-    """Prompt text -> token ids, through the chat template when the tokenizer has one.
+    """A prompt (text, or a conversation of ``{"role", "content"}`` messages) -> its token ids and the
+    conversation they render, through the tokenizer's chat template when it has one
+    (``mopd.data.chat.render_chat``); plain text plus ``<bos>`` otherwise.
 
-    ``chat_template_kwargs`` go to ``apply_chat_template`` (e.g. ``{"enable_thinking": False}`` for
-    Qwen3-style templates).
+    ``system_prompt`` (``data.system_prompt``) starts the conversation of every plain-string prompt;
+    ``enable_thinking`` (``data.enable_thinking``) goes to Qwen3-style templates.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, chat_template_kwargs: Mapping[str, Any] | None = None):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, enable_thinking: bool | None = None,
+                 system_prompt: str | None = None):
         self.tokenizer = tokenizer
-        self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        self.enable_thinking = enable_thinking
+        self.system_prompt = system_prompt
+        if system_prompt is not None:
+            if not self.uses_chat_template:
+                raise DataError("data.system_prompt is set, but the tokenizer has no chat template to put a "
+                                "system message in; unset it or use a tokenizer with a chat template")
+            check_takes_system_message(tokenizer, "data.system_prompt")
 
     @property
     def uses_chat_template(self) -> bool:
-        return bool(getattr(self.tokenizer, "chat_template", None))
+        return has_chat_template(self.tokenizer)
 
-    def __call__(self, prompt: str | Sequence[tuple[str, str]]) -> list[int]:
-        """Ids of a prompt text (one user message) or of a conversation of ``(role, content)`` pairs."""
+    def render(self, prompt: str | Messages) -> tuple[list[int], tuple[dict[str, str], ...] | None]:
+        """``(ids, messages)``; ``messages`` is None exactly when the tokenizer has no chat template."""
         if not self.uses_chat_template:
             if not isinstance(prompt, str):
                 raise DataError("a prompt is a list of chat messages but the tokenizer has no chat template; "
                                 "set one or give plain-text prompts")
-            return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
-        messages = [("user", prompt)] if isinstance(prompt, str) else prompt
-        rendered = self.tokenizer.apply_chat_template(
-            [{"role": role, "content": content} for role, content in messages], tokenize=False,
-            add_generation_prompt=True, **self.chat_template_kwargs,
-        )
-        # The template writes any <bos> itself; adding special tokens again would double it.
-        return list(self.tokenizer(rendered, add_special_tokens=False)["input_ids"])
+            return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"]), None
+        messages = (conversation(prompt, self.system_prompt) if isinstance(prompt, str)
+                    else tuple({"role": m["role"], "content": m["content"]} for m in prompt))
+        return render_chat(self.tokenizer, messages, enable_thinking=self.enable_thinking), messages
+
+    def __call__(self, prompt: str | Messages) -> list[int]:
+        """The ids of ``render(prompt)``."""
+        return self.render(prompt)[0]
 
 
 @dataclass(frozen=True)
@@ -81,9 +90,9 @@ class PromptSource:
         return list(dict.fromkeys(p.domain for p in self.prompts))
 
 
-def _prompt(index: int, ids: list[int], record: Record) -> Prompt:
+def _prompt(index: int, ids: list[int], messages: tuple[dict[str, str], ...] | None, record: Record) -> Prompt:
     return Prompt(index=index, ids=torch.tensor(ids, dtype=torch.int64), text=record.prompt, domain=record.domain,
-                  pi=record.pi, reference=record.reference, metadata=record.metadata)
+                  pi=record.pi, reference=record.reference, metadata=record.metadata, messages=messages)
 
 
 def _load_records(origin: str, unit: str, parsed: Iterable[Record | BadRecord], render: PromptRenderer,
@@ -97,14 +106,14 @@ def _load_records(origin: str, unit: str, parsed: Iterable[Record | BadRecord], 
             bad.append(item)
             continue
         try:
-            ids = render(item.prompt if item.messages is None else item.messages)
+            ids, messages = render.render(item.prompt if item.messages is None else item.messages)
         except DataError as e:
             raise DataError(f"{origin} {unit} {item.location}: {e}") from None
         if len(ids) > max_prompt_tokens:
             bad.append(BadRecord(item.location, BadReason.too_long,
                                  f"{len(ids)} tokens > data.max_prompt_tokens={max_prompt_tokens}"))
             continue
-        prompts.append(_prompt(len(prompts), ids, item))
+        prompts.append(_prompt(len(prompts), ids, messages, item))
     report = RecordReport(origin=origin, unit=unit, total=total, bad=tuple(bad))
     report.check(max_bad_fraction)
     if bad:
@@ -113,12 +122,15 @@ def _load_records(origin: str, unit: str, parsed: Iterable[Record | BadRecord], 
 
 
 def _fields(config: DataConfig) -> FieldNames:
-    return FieldNames(prompt=config.prompt_field, domain=config.domain_field, pi=config.pi_field,
-                      reference=config.reference_field)
+    return FieldNames(prompt=config.prompt_field, messages=config.messages_field, domain=config.domain_field,
+                      pi=config.pi_field, reference=config.reference_field)
 
 
-def jsonl_source(path: str | Path, tokenizer: PreTrainedTokenizerBase, config: DataConfig,
-                 chat_template_kwargs: Mapping[str, Any] | None = None) -> PromptSource:
+def _renderer(tokenizer: PreTrainedTokenizerBase, config: DataConfig) -> PromptRenderer:
+    return PromptRenderer(tokenizer, enable_thinking=config.enable_thinking, system_prompt=config.system_prompt)
+
+
+def jsonl_source(path: str | Path, tokenizer: PreTrainedTokenizerBase, config: DataConfig) -> PromptSource:
     """Prompts from a JSONL file, one object per line; blank lines are skipped, bad ones reported."""
     path = Path(path)
     if not path.is_file():
@@ -131,7 +143,7 @@ def jsonl_source(path: str | Path, tokenizer: PreTrainedTokenizerBase, config: D
                 if line.strip():
                     yield parse_json_line(line, lineno, fields, domains)
 
-    return _load_records(str(path), "line", parsed(), PromptRenderer(tokenizer, chat_template_kwargs),
+    return _load_records(str(path), "line", parsed(), _renderer(tokenizer, config),
                          config.max_prompt_tokens, config.max_bad_fraction)
 
 
@@ -155,8 +167,8 @@ def _load_hf_dataset(path: str, split: str, cache_dir: str | None):
     return datasets.load_dataset(path, split=split, cache_dir=cache_dir)
 
 
-def hf_source(path: str, tokenizer: PreTrainedTokenizerBase, config: DataConfig, cache_dir: str | None = None,
-              chat_template_kwargs: Mapping[str, Any] | None = None) -> PromptSource:
+def hf_source(path: str, tokenizer: PreTrainedTokenizerBase, config: DataConfig,
+              cache_dir: str | None = None) -> PromptSource:
     """Prompts from a HuggingFace dataset: a ``save_to_disk`` folder, a local data file, or a name that
     ``datasets.load_dataset`` resolves (a hub name needs network access)."""
     try:
@@ -167,51 +179,48 @@ def hf_source(path: str, tokenizer: PreTrainedTokenizerBase, config: DataConfig,
         raise DataError(f"data.path: cannot load dataset {path!r} (split {config.split!r}): {e}") from e
     fields, domains = _fields(config), frozenset(config.domains) or None
     parsed = (parse_record(row, i, fields, domains) for i, row in enumerate(dataset))
-    return _load_records(f"{path}[{config.split}]", "row", parsed, PromptRenderer(tokenizer, chat_template_kwargs),
+    return _load_records(f"{path}[{config.split}]", "row", parsed, _renderer(tokenizer, config),
                          config.max_prompt_tokens, config.max_bad_fraction)
 
 
 def synthetic_source(tokenizer: PreTrainedTokenizerBase, domains: Iterable[str], num_prompts: int,
                      split: str = "train", seed: int = 0, pi_mode: PiMode = PiMode.answer,
-                     max_prompt_tokens: int = 512,
-                     chat_template_kwargs: Mapping[str, Any] | None = None) -> PromptSource:
+                     max_prompt_tokens: int = 512, enable_thinking: bool | None = None,
+                     system_prompt: str | None = None) -> PromptSource:
     """``num_prompts`` prompts per synthetic domain, interleaved round-robin (prompt i is from domain
     ``i % len(domains)``), so any prefix covers every domain."""
     domains = list(domains)
     if not domains:
         raise DataError("data.domains: a synthetic source needs at least one domain")
     per_domain = [generate(d, num_prompts, split, seed) for d in domains]
-    render = PromptRenderer(tokenizer, chat_template_kwargs)
+    render = PromptRenderer(tokenizer, enable_thinking=enable_thinking, system_prompt=system_prompt)
     prompts = []
     for i in range(num_prompts):
         for examples in per_domain:
             ex = examples[i]
-            ids = render(ex.prompt)
+            ids, messages = render.render(ex.prompt)
             if len(ids) > max_prompt_tokens:
                 raise DataError(f"synthetic domain {ex.domain!r}: prompt {ex.prompt!r} has {len(ids)} tokens > "
                                 f"data.max_prompt_tokens={max_prompt_tokens}")
             record = Record(location=len(prompts), prompt=ex.prompt, domain=ex.domain, pi=ex.pi(pi_mode),
                             reference=ex.reference)
-            prompts.append(_prompt(len(prompts), ids, record))
+            prompts.append(_prompt(len(prompts), ids, messages, record))
     return PromptSource(name=f"synthetic:{'+'.join(domains)}[{split}]", prompts=tuple(prompts))
 
 
 def build_source(config: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0, split: str | None = None,
-                 pi_mode: PiMode = PiMode.answer, cache_dir: str | None = None,
-                 chat_template_kwargs: Mapping[str, Any] | None = None) -> PromptSource:
+                 pi_mode: PiMode = PiMode.answer, cache_dir: str | None = None) -> PromptSource:
     """The source ``config`` describes; ``split`` overrides ``config.split`` (e.g. "eval" for evaluation).
 
     A JSONL file has no splits: ``split`` only applies to synthetic and HF sources, so evaluate JSONL
     prompts by pointing ``data.path`` at a separate file."""
     if split is not None and split != config.split:
         config = replace(config, split=split)
-    if config.enable_thinking is not None:
-        chat_template_kwargs = {"enable_thinking": config.enable_thinking, **(chat_template_kwargs or {})}
     if config.source == "synthetic":
         return synthetic_source(tokenizer, config.domains, config.num_prompts, config.split, seed, pi_mode,
-                                config.max_prompt_tokens, chat_template_kwargs)
+                                config.max_prompt_tokens, config.enable_thinking, config.system_prompt)
     if config.source == "jsonl":
-        return jsonl_source(config.path, tokenizer, config, chat_template_kwargs)
+        return jsonl_source(config.path, tokenizer, config)
     if config.source == "hf":
-        return hf_source(config.path, tokenizer, config, cache_dir, chat_template_kwargs)
+        return hf_source(config.path, tokenizer, config, cache_dir)
     raise DataError(f"data.source: {config.source!r} is not one of ['hf', 'jsonl', 'synthetic']")

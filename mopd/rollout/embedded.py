@@ -160,6 +160,7 @@ class EmbeddedEngine(Engine):
             domain=seq.prompt.domain,
             prompt_index=seq.prompt.index,
             pi=seq.prompt.pi,
+            messages=seq.prompt.messages,
             reference=seq.prompt.reference,
             text=text,
         )

@@ -130,6 +130,7 @@ def parse_rollout(item: dict[str, Any], prompt: Prompt, where: str, default_vers
         domain=prompt.domain,
         prompt_index=prompt.index,
         pi=prompt.pi,
+        messages=prompt.messages,
         reference=prompt.reference,
         text=item.get("text", "") if isinstance(item.get("text", ""), str) else "",
     )

@@ -3,7 +3,7 @@ TrainBatch packing. ``transport.py`` (top-K wire format) is imported on its own.
 
 from mopd.teachers.base import Teacher
 from mopd.teachers.batching import build_train_batches
-from mopd.teachers.build import build_teachers
+from mopd.teachers.build import build_teachers, check_pi_coverage
 from mopd.teachers.expert import ExpertTeacher
 from mopd.teachers.in_trainer import TeacherInputs, build_teacher_inputs
 from mopd.teachers.router import RouteCounts, Router, mix_topk, route_counts, topk_entropy
@@ -22,6 +22,7 @@ __all__ = [
     "build_teacher_inputs",
     "build_teachers",
     "build_train_batches",
+    "check_pi_coverage",
     "check_vocab",
     "mix_topk",
     "route_counts",

@@ -1,4 +1,5 @@
-"""Teachers from config: one Teacher per ``distill.teachers`` entry, tokenizers checked at start-up."""
+"""Teachers from config: one Teacher per ``distill.teachers`` entry, tokenizers checked at start-up, and
+every prompt routed to a PI self-teacher checked for its PI before the first step."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import torch
 from mopd.config import TeacherConfig, TeacherKind
 from mopd.errors import TeacherError
 from mopd.rollout.engine import Engine
+from mopd.types import Prompt, Rollout
 from mopd.teachers.base import Teacher
+from mopd.teachers.router import Router
 from mopd.teachers.expert import ExpertTeacher
 from mopd.teachers.self_pi import SelfPITeacher
 from mopd.teachers.vocab import check_vocab
@@ -24,12 +27,14 @@ def build_teachers(
     student_tokenizer: PreTrainedTokenizerBase,
     teacher_tokenizers: Mapping[str, PreTrainedTokenizerBase] | None = None,
     initial_weights: Iterable[tuple[str, torch.Tensor]] | None = None,
+    enable_thinking: bool | None = None,
 ) -> list[Teacher]:
     """Teachers in config order (the order routing indices refer to).
 
     ``engines`` and ``teacher_tokenizers`` are keyed by teacher name. An expert must come with its
     tokenizer, which must equal the student's (``check_vocab``); a self-PI teacher uses the student
     tokenizer by construction. ``initial_weights`` (HF-named) seed the EMA of EMA self-teachers.
+    ``enable_thinking`` is ``data.enable_thinking`` (self-teachers re-render the student's conversation).
     """
     teacher_tokenizers = teacher_tokenizers or {}
     out: list[Teacher] = []
@@ -39,7 +44,8 @@ def build_teachers(
         engine = engines[cfg.name]
         if cfg.kind == TeacherKind.self_pi:
             weights = list(initial_weights) if initial_weights is not None and cfg.ema_decay > 0 else None
-            out.append(SelfPITeacher(cfg, engine, student_tokenizer, initial_weights=weights))
+            out.append(SelfPITeacher(cfg, engine, student_tokenizer, initial_weights=weights,
+                                     enable_thinking=enable_thinking))
             continue
         if cfg.name not in teacher_tokenizers:
             raise TeacherError(
@@ -49,3 +55,40 @@ def build_teachers(
         check_vocab(cfg.name, student_tokenizer, teacher_tokenizers[cfg.name])
         out.append(ExpertTeacher(cfg, engine, len(student_tokenizer)))
     return out
+
+
+def check_pi_coverage(prompts: Sequence[Prompt], configs: Sequence[TeacherConfig], router: Router,
+                      shown: int = 5) -> None:
+    """Raise TeacherError before the first step when a prompt that can reach a PI self-teacher has no PI.
+
+    Per-prompt routing: the teacher the router picks for the prompt. Per-token routing: every candidate
+    teacher scores every token, so every prompt reaches every self-teacher among the candidates. A
+    self-teacher with ``shared_pi`` needs nothing from the prompts.
+    """
+    needy = {i for i, c in enumerate(configs) if c.kind == TeacherKind.self_pi and c.shared_pi is None}
+    if not needy:
+        return
+    missing = [p for p in prompts if p.pi is None]
+    if not missing:
+        return
+    if router.per_token:
+        reached = [(p, i) for p in missing for i in router.candidates() if i in needy]
+    else:
+        probes = [_unsampled(p) for p in missing]
+        chosen = router.route_prompts(probes, prompts={p.index: p for p in missing})
+        reached = [(p, i) for p, i in zip(missing, chosen) if i in needy]
+    if reached:
+        first = configs[reached[0][1]].name
+        where = ", ".join(f"{p.index} (domain {p.domain!r})" for p, i in reached[:shown] if configs[i].name == first)
+        count = sum(1 for _, i in reached if configs[i].name == first)
+        raise TeacherError(
+            f"teacher {first!r}: {count} of {len(prompts)} prompts routed to it have no PI text, e.g. prompt {where}; "
+            f"give them a PI field (data.pi_field), set distill.teachers[{first}].shared_pi, or route them elsewhere"
+        )
+
+
+def _unsampled(prompt: Prompt) -> Rollout:
+    """A rollout of ``prompt`` with no response tokens: what the router needs to place it."""
+    return Rollout(prompt_ids=prompt.ids, response_ids=torch.zeros(0, dtype=torch.int64),
+                   behaviour_logprobs=torch.zeros(0), finish="length", weight_version=0, domain=prompt.domain,
+                   prompt_index=prompt.index, pi=prompt.pi, reference=prompt.reference, messages=prompt.messages)
