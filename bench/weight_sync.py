@@ -75,7 +75,7 @@ def _worker(rank: int, world: int, port: int, args) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from mopd.parallel import destroy_parallel, init_parallel
     from mopd.student import build_model
-    from mopd.weight_sync import WeightSync
+    from mopd.sync import WeightSync
 
     cfg = _configs(args)
     layout = init_parallel(cfg.parallel, seed=0)

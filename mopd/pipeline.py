@@ -21,8 +21,10 @@ from mopd.config import RunConfig, StageKind, to_yaml, with_overrides
 from mopd.errors import ConfigError
 from mopd.parallel import destroy_parallel, init_parallel
 from mopd.stages.context import RunContext, StageOutput, barrier
+from mopd.stages.average import run_average
+from mopd.stages.evaluate import run_eval
+from mopd.stages.export import run_export
 from mopd.stages.opd import run_opd
-from mopd.stages.other import run_average, run_eval, run_export
 from mopd.stages.sft import run_sft
 from mopd.summary import build_summary, write_summary
 
@@ -77,7 +79,7 @@ def _stage_config(config: RunConfig, stage) -> RunConfig:
 
 def evaluate_checkpoint(config: RunConfig, hf_dir: str) -> dict:
     """`mopd eval`: per-domain accuracy of an HF folder on the config's eval prompts (rank 0 prints)."""
-    from mopd.stages.common import evaluate_hf_dir
+    from mopd.stages.evaluate import evaluate_hf_dir
 
     ctx = _start(config, resume=True, writes=False)
     try:

@@ -80,7 +80,7 @@ def test_full_run_writes_every_stage_a_summary_and_a_plot(full_run):
         for role in ("base", "teacher", "student", "sft_baseline", "weight_average"):
             assert 0.0 <= row[role] <= 1.0
     assert summary["domains"]["reverse"]["teacher_stage"] == "expert_reverse"
-    assert all(s["wall_s"] > 0 for s in summary["stages"].values())
+    assert all(s["wall_s"] > 0 for name, s in summary["stages"].items() if name != "export")  # a copy: ~ms
     assert (full_run / "summary.png").stat().st_size > 10_000
     keys = set().union(*history(full_run, "unify"))
     for key in ("teacher/rev/kl_sample", "teacher/rot/top1pct_share", "teacher/rev/entropy", "teacher/rot/kl_pos0",

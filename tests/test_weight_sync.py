@@ -20,7 +20,7 @@ from dist_utils import full_logits, run_on_ranks
 from mopd.config import ModelConfig, OptimizerConfig, ParallelConfig, StudentConfig, TrainConfig
 from mopd.errors import EngineError
 from mopd.types import TrainBatch
-from mopd.weight_sync import bucket_tensors, checksum, fan_out, tensor_bytes
+from mopd.sync import bucket_tensors, checksum, fan_out, tensor_bytes
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -210,7 +210,7 @@ def _train_and_sync(layout, cfg: StudentConfig, tmp: str, *, with_sglang: bool) 
     from mopd.rollout.embedded import EmbeddedEngine
     from mopd.student import build_model, build_optimizer, train_step
     from mopd.teachers.self_pi import SelfPITeacher
-    from mopd.weight_sync import WeightSync, tracking
+    from mopd.sync import WeightSync, tracking
 
     chunks = build_model(cfg, layout)
     optimizer, scheduler = build_optimizer(cfg, chunks)
@@ -243,7 +243,7 @@ def _train_and_sync(layout, cfg: StudentConfig, tmp: str, *, with_sglang: bool) 
 def _sglang_cases(chunks, cfg: StudentConfig, layout, tmp: str) -> dict:
     """Sync into protocol servers: rank 0 the sender of one group (distributed, disk), and one
     group per pipeline stage (staged), each stage's first rank sending its own layers."""
-    from mopd.weight_sync import WeightSync
+    from mopd.sync import WeightSync
     from sglang_protocol_server import load_api_types
 
     api = load_api_types()
@@ -331,7 +331,7 @@ class _StagedRecorder:
 def _failure_cases(chunks, cfg: StudentConfig, layout) -> dict:
     """Consumer failures on rank 0: a clear error there, every other rank finishes its sync."""
     from mopd.rollout.embedded import EmbeddedEngine
-    from mopd.weight_sync import WeightSync
+    from mopd.sync import WeightSync
 
     row: dict = {}
     cases = {

@@ -97,23 +97,36 @@ class TensorSpec:
 class ShardedSafetensorsWriter:
     """Writes planned tensors into `model-0000i-of-0000n.safetensors` shards plus the index.
 
-    Tensors must arrive in plan order (`write` checks name, shape and dtype); `close` verifies that
-    every planned tensor was written. Shards hold at most `max_shard_bytes` (one larger tensor gets a
+    By default tensors must arrive in plan order (`write` checks name, shape and dtype) and each
+    shard is appended to as they come. With ``any_order=True`` every shard file is laid out (header,
+    then zero-length data extended on demand) when it is first touched and each tensor is written at
+    its planned offset, so a stream whose order differs from the plan (a live model's parameter order
+    is not HF file order) still never holds more than one tensor. `close` verifies that every planned
+    tensor was written exactly once. Shards hold at most `max_shard_bytes` (one larger tensor gets a
     shard of its own).
     """
 
-    def __init__(self, out_dir: str | Path, specs: Iterable[TensorSpec], *, max_shard_bytes: int = 5 * 2**30):
+    def __init__(self, out_dir: str | Path, specs: Iterable[TensorSpec], *, max_shard_bytes: int = 5 * 2**30,
+                 any_order: bool = False):
         self.out_dir = Path(out_dir)
         self.specs = list(specs)
         self.shards = _plan_shards(self.specs, max_shard_bytes)
+        self.any_order = any_order
         self._next = 0
         self._shard_no = -1
         self._stream: BinaryIO | None = None
         self._left_in_shard = 0
         n = len(self.shards)
         self.files = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self._where = {spec.name: (i, spec) for i, shard in enumerate(self.shards) for spec in shard}
+        self._offsets = {spec.name: off for shard in self.shards for spec, off in zip(shard, _offsets(shard))}
+        self._handles: dict[int, BinaryIO] = {}
+        self._header_len: dict[int, int] = {}
+        self._written: set[str] = set()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self.any_order:
+            return self._write_at(name, tensor)
         if self._next >= len(self.specs):
             raise CheckpointError(f"unexpected extra tensor {name!r}: all {len(self.specs)} planned tensors are written")
         spec = self.specs[self._next]
@@ -128,12 +141,38 @@ class ShardedSafetensorsWriter:
         self._next += 1
         self._left_in_shard -= 1
 
+    def _write_at(self, name: str, tensor: torch.Tensor) -> None:
+        if name not in self._where:
+            raise CheckpointError(f"unexpected tensor {name!r}: it is not among the {len(self.specs)} planned tensors")
+        if name in self._written:
+            raise CheckpointError(f"tensor {name!r} arrived twice")
+        shard_no, spec = self._where[name]
+        if (tuple(tensor.shape), tensor.dtype) != (spec.shape, spec.dtype):
+            raise CheckpointError(f"tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}; the plan says "
+                                  f"{spec.shape} {spec.dtype}")
+        handle = self._handles.get(shard_no)
+        if handle is None:
+            header = _header(self.shards[shard_no])
+            handle = self._handles[shard_no] = open(self.out_dir / self.files[shard_no], "wb+")
+            handle.write(header)
+            self._header_len[shard_no] = len(header)
+        data = tensor.detach().contiguous().cpu()
+        handle.seek(self._header_len[shard_no] + self._offsets[name])
+        if data.numel():
+            handle.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+        self._written.add(name)
+
     def close(self, metadata: dict[str, str] | None = None) -> None:
         if self._stream is not None:
             self._stream.close()
             self._stream = None
-        if self._next != len(self.specs):
-            missing = [s.name for s in self.specs[self._next:]]
+        for handle in self._handles.values():
+            handle.close()
+        self._handles = {}
+        written = len(self._written) if self.any_order else self._next
+        if written != len(self.specs):
+            missing = [s.name for s in self.specs if s.name not in self._written] if self.any_order \
+                else [s.name for s in self.specs[self._next:]]
             raise CheckpointError(f"export stopped before {len(missing)} tensors were written (first: {missing[0]!r})")
         if len(self.files) > 1:
             weight_map = {spec.name: self.files[i] for i, shard in enumerate(self.shards) for spec in shard}
@@ -149,6 +188,14 @@ class ShardedSafetensorsWriter:
         self._stream = open(self.out_dir / self.files[self._shard_no], "wb")
         self._stream.write(_header(shard))
         self._left_in_shard = len(shard)
+
+
+def _offsets(shard: list[TensorSpec]) -> list[int]:
+    out, offset = [], 0
+    for spec in shard:
+        out.append(offset)
+        offset += spec.nbytes
+    return out
 
 
 def _plan_shards(specs: list[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:

@@ -22,19 +22,11 @@ from mopd.data.synthetic import domain_verifier
 from mopd.diagnostics import Alarm, rollout_diagnostics
 from mopd.errors import ConfigError
 from mopd.stages.batches import loss_fn_for
-from mopd.stages.common import (
-    StageRun,
-    finish_stage,
-    log_step,
-    maybe_checkpoint,
-    maybe_evaluate,
-    resume_stage,
-    rollout_engine,
-    start_stage,
-    train_on,
-)
 from mopd.stages.context import RunContext, StageOutput
+from mopd.stages.engines import rollout_engine
+from mopd.stages.evaluate import maybe_evaluate
 from mopd.stages.teachers import TeacherSet, build_teacher_set
+from mopd.stages.training import StageRun, finish_stage, log_step, maybe_checkpoint, resume_stage, start_stage, train_on
 from mopd.sync import WeightSync
 from mopd.teachers import score_batch
 
@@ -53,12 +45,12 @@ def run_opd(ctx: RunContext, stage: StageConfig, config: RunConfig) -> StageOutp
     alarm, prefetch = Alarm(config.diagnostics), Prefetch(config.rollout.max_staleness)
     try:
         _loop(run, engine, teachers, sync, loss_fn, alarm, prefetch)
+        maybe_checkpoint(run, extra=teachers.state(), force=True)
+        return finish_stage(run, engine)  # the engine holds the final weights: it serves the evaluation
     finally:
         prefetch.close()
         if engine is not None:
             engine.close()  # SGLang: stops servers this run launched
-    maybe_checkpoint(run, extra=teachers.state(), force=True)
-    return finish_stage(run)
 
 
 def _loop(run: StageRun, engine, teachers: TeacherSet, sync: WeightSync, loss_fn, alarm: Alarm,

@@ -12,16 +12,9 @@ from mopd.data.sources import PromptRenderer
 from mopd.errors import ConfigError
 from mopd.rollout.embedded import EmbeddedEngine
 from mopd.stages.batches import REFERENCE, one_hot_scores, reference_rollout, sft_loss_fn
-from mopd.stages.common import (
-    finish_stage,
-    log_step,
-    maybe_checkpoint,
-    resume_stage,
-    start_stage,
-    train_on,
-)
 from mopd.stages.context import RunContext, StageOutput, broadcast
 from mopd.stages.opd import step_sampling
+from mopd.stages.training import finish_stage, log_step, maybe_checkpoint, resume_stage, start_stage, train_on
 from mopd.types import Prompt, Rollout
 
 

@@ -2,8 +2,8 @@
 
 Weights leave the student in two forms: Megatron dist_checkpointing folders (resumable, loadable at
 any TP/PP) and HF-named tensors streamed through ``mopd.hf.megatron_to_hf`` (weight sync into the
-rollout engine, HF folders for teachers and eval). The HF model that receives them is built from the
-same ModelConfig with transformers, so an exported folder is a plain ``from_pretrained`` folder.
+rollout engine and tracking teachers; HF folders written tensor by tensor by ``HFFolderWriter``, in
+the student's parameter dtype, so an export never builds a model on rank 0).
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ from typing import Any
 
 import torch
 
-from mopd.config import ModelConfig, StudentConfig
-from mopd.hf import hf_config_from_model
+from mopd.config import Dtype, StudentConfig
+from mopd.hf.folder import HFFolderWriter
 from mopd.parallel import ParallelLayout
-from mopd.rollout.embedded import EmbeddedEngine
 from mopd.stages.context import barrier
 from mopd.sync import WeightSync
 from mopd.student import (
@@ -77,13 +76,15 @@ class Student:
         WeightSync(self.chunks, self.cfg.model, self.layout, consumers if self.layout.rank == 0 else []).sync(version)
 
     def export_hf(self, out: Path, tokenizer) -> Path:
-        """Write the weights as an HF folder on rank 0 (atomically: temporary folder, then rename)."""
-        engine = hf_engine(self.cfg.model, tokenizer, name="export") if self.layout.rank == 0 else None
-        self.sync_into([engine], version=0)
-        if engine is not None:
-            save_hf(engine.model, tokenizer, out)
+        """Write the weights as an HF folder on rank 0, streamed tensor by tensor in the parameter
+        dtype (atomically: temporary folder, then rename). Collective."""
+        self.sync_into([HFFolderWriter(out, self.cfg.model, dtype=self.param_dtype, tokenizer=tokenizer)], version=0)
         barrier()
         return out
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        return {Dtype.bf16: torch.bfloat16, Dtype.fp16: torch.float16}.get(self.cfg.precision.dtype, torch.float32)
 
 
 class Recorder:
@@ -96,36 +97,6 @@ class Recorder:
 
     def update_weights(self, named_tensors, version: int) -> None:
         self.tensors = [(name, t.detach().clone()) for name, t in named_tensors]
-
-
-def hf_engine(cfg: ModelConfig, tokenizer, name: str) -> EmbeddedEngine:
-    """An embedded engine around a fresh transformers model of the student's architecture."""
-    return EmbeddedEngine(hf_model(cfg, tokenizer), eos_token_ids=[tokenizer.eos_token_id],
-                          pad_token_id=tokenizer.pad_token_id, name=name, tokenizer=tokenizer)
-
-
-def hf_model(cfg: ModelConfig, tokenizer=None, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """A randomly initialised transformers model of the same architecture (weights come by sync)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    extra = {}
-    if tokenizer is not None:
-        extra = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-                 if getattr(tokenizer, k, None) is not None}
-    config = hf_config_from_model(cfg, dtype="float32", extra=extra)
-    model_type = config.pop("model_type")
-    hf_config = AutoConfig.for_model(model_type, **config)
-    return AutoModelForCausalLM.from_config(hf_config, dtype=dtype).eval()
-
-
-def save_hf(model: torch.nn.Module, tokenizer, out: Path) -> None:
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
 
 
 def _prune(directory: Path, keep_last: int) -> None:

@@ -17,7 +17,8 @@ from mopd.errors import ConfigError
 from mopd.rollout.embedded import EmbeddedEngine
 from mopd.rollout.engine import Engine
 from mopd.stages.context import RunContext
-from mopd.stages.student import Recorder, Student, hf_engine
+from mopd.stages.engines import hf_engine
+from mopd.stages.student import Recorder, Student
 from mopd.sync import tracking
 from mopd.teachers import Router, Teacher, build_teachers
 

@@ -1,28 +1,28 @@
-"""Pieces shared by the training stages: start, train on a packed batch, checkpoint, evaluate, finish."""
+"""A training stage's life (sft and opd): start, resume, one optimizer step on a packed batch, log,
+checkpoint, finish (final weights, HF export, evaluation through the rollout engine)."""
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
 from mopd.config import RunConfig, StageConfig
 from mopd.data.sampler import PromptSampler
-from mopd.errors import ConfigError
 from mopd.data.sources import build_source
 from mopd.data.synthetic import PiMode
+from mopd.errors import ConfigError
 from mopd.metrics import Metrics
 from mopd.objectives import mean_metrics
-from mopd.config import EngineKind
-from mopd.rollout.embedded import EmbeddedEngine
 from mopd.rollout.engine import Engine
 from mopd.stages.batches import my_share
-from mopd.stages.context import RunContext, StageOutput, barrier, broadcast
-from mopd.stages.evaluate import as_dict, evaluate_engine
-from mopd.stages.student import Student, hf_engine
+from mopd.stages.context import RunContext, StageOutput, barrier
+from mopd.stages.engines import rollout_engine
+from mopd.stages.evaluate import evaluate_on_engine
+from mopd.stages.student import Student
 from mopd.student import StepResult, train_step
 from mopd.teachers import build_train_batches
 from mopd.types import LossFn, Rollout, Routing, TeacherScores
@@ -139,65 +139,28 @@ def maybe_checkpoint(run: StageRun, extra: dict | None = None, force: bool = Fal
     run.student.save(run.checkpoints, run.step, state, run.config.checkpoint.keep_last)
 
 
-def maybe_evaluate(run: StageRun, engine: EmbeddedEngine | None, force: bool = False) -> dict | None:
-    """Evaluate the engine (rank 0) every ``eval.every_steps`` steps; returns the eval metrics."""
-    every = run.config.eval.every_steps
-    if not force and (every <= 0 or run.step % every):
-        return None
-    result = None
-    if run.ctx.is_logger:
-        with run.metrics.span("eval"):
-            result = evaluate_engine(engine, run.config, run.ctx.tokenizer)
-        run.metrics.log(run.step, result.metrics())
-        run.history.append({"step": float(run.step), **result.metrics()})
-    return broadcast(as_dict(result) if result is not None else None)
+def finish_stage(run: StageRun, engine: Engine | None = None) -> StageOutput:
+    """Save final weights (Megatron + HF), evaluate them, and record the stage's output.
 
-
-def finish_stage(run: StageRun) -> StageOutput:
-    """Save final weights (Megatron + HF), evaluate them, and record the stage's output."""
+    The evaluation runs on ``engine`` (opd: its rollout engine, already holding the final weights) or
+    on a rollout engine built for it from config (sft), never on a CPU copy of the exported folder.
+    """
     if run.progress is not None:
         run.progress.close()
     run.student.save_weights(run.dir / "weights")
     hf_dir = run.student.export_hf(run.dir / "hf", run.ctx.tokenizer)
     evaluation = {}
     if run.stage.evaluate:
-        evaluation = evaluate_hf_dir(run.ctx, run.config, hf_dir)
+        own = engine is None
+        engine = rollout_engine(run) if own else engine
+        try:
+            evaluation = evaluate_on_engine(run.ctx, run.config, engine)
+        finally:
+            if own and engine is not None:
+                engine.close()
     run.metrics.close()
     barrier()
     return StageOutput(name=run.stage.name, kind=run.stage.kind.value, role=run.stage.role.value,
                        hf_dir=str(hf_dir), wall_s=time.perf_counter() - run.started,
                        teacher_tokens=run.teacher_tokens, eval=evaluation, history=run.history,
                        warnings=list(run.metrics.warnings))
-
-
-def evaluate_hf_dir(ctx: RunContext, config: RunConfig, hf_dir: Path) -> dict:
-    """Evaluate on every domain of the run (not only the stage's own), so experts and baselines compare."""
-    config = replace(config, data=ctx.config.data)
-    result = None
-    if ctx.is_logger:
-        engine = EmbeddedEngine.from_pretrained(hf_dir, name="eval")
-        result = as_dict(evaluate_engine(engine, config, ctx.tokenizer))
-    return broadcast(result)
-
-
-def rollout_engine(run: StageRun) -> Engine | None:
-    """The rollout engine, held by rank 0, loaded with the student's current weights (version = step).
-
-    ``rollout.engine: embedded`` is a transformers model in this process; ``sglang`` connects to
-    ``rollout.sglang.endpoints`` or launches servers (``launch: true``) and syncs weights into them over
-    an NCCL group (``weight_sync: distributed``) or through safetensors files (``disk``).
-    """
-    engine = _new_rollout_engine(run) if run.ctx.is_logger else None
-    run.student.sync_into([engine], version=run.step)
-    return engine
-
-
-def _new_rollout_engine(run: StageRun) -> Engine:
-    config = run.config
-    if config.rollout.engine == EngineKind.sglang:
-        from mopd.rollout.sglang_client import WeightSyncOptions
-        from mopd.rollout.sglang_launcher import sglang_engine
-
-        sync = WeightSyncOptions(disk_dir=str(run.dir / "weight_sync"), base_model_path=config.rollout.sglang.model_path)
-        return sglang_engine(config.rollout.sglang, name="rollout", sync=sync)
-    return hf_engine(config.student.model, run.ctx.tokenizer, name="rollout")
