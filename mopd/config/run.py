@@ -37,6 +37,9 @@ class DataConfig:
     """synthetic, jsonl or hf."""
     path: str | None = None
     """JSONL file or HF dataset name/path."""
+    eval_path: str | None = None
+    """source=jsonl: a JSONL file of held-out eval prompts (a JSONL file has no splits); null: eval reads
+    data.path itself. Synthetic and HF data take their eval split instead."""
     split: str = "train"
     domains: list[str] = field(default_factory=list)
     """Synthetic domains to generate, or the domains to keep (empty keeps all)."""
@@ -51,6 +54,9 @@ class DataConfig:
     domain_field: str = "domain"
     pi_field: str = "pi"
     reference_field: str = "reference"
+    verifiers: dict[str, str] = field(default_factory=dict)
+    """Verifier name (mopd.data.verifiers.VERIFIERS) per domain of JSONL/HF data, e.g. {identity: mentions};
+    synthetic domains have their own, and any other domain uses exact match."""
     max_prompt_tokens: int = 512
     max_bad_fraction: float = 0.01
     """Stop the run if more than this fraction of records is malformed."""
@@ -80,14 +86,29 @@ class DataConfig:
             out.append(Problem("pi_in_prompt", self.pi_in_prompt, "must be in [0, 1]"))
         if "{pi}" not in self.pi_template or self.pi_template.count("{prompt}") != 1:
             out.append(Problem("pi_template", self.pi_template, "must contain {pi} and exactly one {prompt}"))
+        out += self._verifier_problems()
         if self.system_prompt is not None and not self.system_prompt.strip():
             out.append(Problem("system_prompt", self.system_prompt, "must be non-empty text or null"))
         if self.pi_mode not in ("answer", "hint", "none"):
             out.append(Problem("pi_mode", self.pi_mode, "must be one of ['answer', 'hint', 'none']"))
+        if self.eval_path is not None and self.source != "jsonl":
+            out.append(Problem("eval_path", self.eval_path, f"is for source=jsonl (source={self.source} has an "
+                                                            "eval split)"))
         if self.source in ("jsonl", "hf") and not self.path:
             out.append(Problem("path", self.path, f"is required when source={self.source}"))
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             out.append(Problem("max_bad_fraction", self.max_bad_fraction, "must be in [0, 1]"))
+        return out
+
+
+    def _verifier_problems(self) -> list[Problem]:
+        from mopd.data.synthetic import DOMAINS
+        from mopd.data.verifiers import VERIFIERS
+
+        out = [Problem(f"verifiers.{d}", v, f"must be one of {sorted(VERIFIERS)}")
+               for d, v in self.verifiers.items() if v not in VERIFIERS]
+        out += [Problem(f"verifiers.{d}", v, "is a synthetic domain, which has its own verifier")
+                for d, v in self.verifiers.items() if d in DOMAINS]
         return out
 
 
@@ -133,6 +154,12 @@ class EvalConfig:
     """Null: rollout.sampling.max_new_tokens."""
     every_steps: int = 0
     """Also evaluate every N optimizer steps inside opd stages, on the rollout engine (0: only at the end)."""
+    at_start: bool = False
+    """opd stages: also evaluate before the first step; the summary reports that as "before" and the
+    stage's final evaluation as "after"."""
+    teacher_kl: list[str] = field(default_factory=list)
+    """opd stages: teachers (distill.teachers names) whose reverse KL to the student is estimated at
+    every evaluation, on one response per eval prompt sampled at temperature 1 (nats per token)."""
 
     def problems(self) -> list[Problem]:
         out = positive(self, "num_prompts") + at_least(self, 0, "samples_per_prompt", "every_steps")
@@ -238,4 +265,7 @@ class RunConfig:
                 if item.split("=", 1)[0].strip().startswith(("student.parallel", "stages")):
                     out.append(Problem(f"stages[{i}].overrides[{j}]", item,
                                        "stages share one parallel layout and cannot change the stage list"))
+        teachers = sorted(t.name for t in self.distill.teachers)
+        out += [Problem("eval.teacher_kl", name, f"must name teachers in distill.teachers {teachers}")
+                for name in self.eval.teacher_kl if name not in teachers]
         return out

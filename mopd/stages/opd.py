@@ -4,10 +4,9 @@ Each step: sample prompts -> the student's engine generates -> the router assign
 teachers score the student's tokens (top-K) -> the Megatron student trains on them -> its weights
 are synced into the engine (and into EMA self-teachers). Rank 0 holds the engines; every rank trains.
 
-With ``rollout.max_staleness = 1`` generation of step n+1 overlaps training of step n (one thread),
-so those rollouts come from weights exactly one version old; turn on the objectives' ``importance_ratio``
-to correct for it. Off (0) by default: fully on-policy. One step of look-ahead is all the loop has, so
-the config refuses larger values (mopd.config.distill.RolloutConfig).
+With ``rollout.max_staleness >= 1`` generation of step n+1 overlaps training of step n (one thread),
+so those rollouts come from weights one version old; turn on the objectives' ``importance_ratio`` to
+correct for it. Off (0) by default: fully on-policy.
 """
 
 from __future__ import annotations
@@ -27,16 +26,7 @@ from mopd.stages.context import RunContext, StageOutput
 from mopd.stages.engines import rollout_engine
 from mopd.stages.evaluate import maybe_evaluate
 from mopd.stages.teachers import TeacherSet, build_teacher_set
-from mopd.stages.training import (
-    StageRun,
-    finish_stage,
-    fit_to_max_seq_len,
-    log_step,
-    maybe_checkpoint,
-    resume_stage,
-    start_stage,
-    train_on,
-)
+from mopd.stages.training import StageRun, finish_stage, log_step, maybe_checkpoint, resume_stage, start_stage, train_on
 from mopd.sync import WeightSync
 from mopd.teachers import score_batch
 
@@ -53,10 +43,14 @@ def run_opd(ctx: RunContext, stage: StageConfig, config: RunConfig) -> StageOutp
     sync = WeightSync(run.student.chunks, config.student.model, ctx.layout, teachers.consumers(engine))
     loss_fn = loss_fn_for(config.student, ctx.layout, teachers.objectives, teachers.names, teachers.coefs)
     alarm, prefetch = Alarm(config.diagnostics), Prefetch(config.rollout.max_staleness)
+    kl_teachers = teachers.named(config.eval.teacher_kl)
     try:
-        _loop(run, engine, teachers, sync, loss_fn, alarm, prefetch)
+        if config.eval.at_start and run.step == 0:  # "before"; a resumed run has it in its history
+            maybe_evaluate(run, engine, force=True, teachers=kl_teachers)
+        _loop(run, engine, teachers, sync, loss_fn, alarm, prefetch, kl_teachers)
         maybe_checkpoint(run, extra=teachers.state(), force=True)
-        return finish_stage(run, engine)  # the engine holds the final weights: it serves the evaluation
+        # The engine holds the final weights: it serves the evaluation.
+        return finish_stage(run, engine, teachers=kl_teachers)
     finally:
         prefetch.close()
         if engine is not None:
@@ -64,7 +58,7 @@ def run_opd(ctx: RunContext, stage: StageConfig, config: RunConfig) -> StageOutp
 
 
 def _loop(run: StageRun, engine, teachers: TeacherSet, sync: WeightSync, loss_fn, alarm: Alarm,
-          prefetch: Prefetch) -> None:
+          prefetch: Prefetch, kl_teachers) -> None:
     """DESIGN.md §1, one iteration per optimizer step."""
     ctx, config, train = run.ctx, run.config, run.config.student.train
     while run.step < train.steps:
@@ -73,11 +67,9 @@ def _loop(run: StageRun, engine, teachers: TeacherSet, sync: WeightSync, loss_fn
         if ctx.is_logger:
             with run.metrics.span("generate"):
                 rollouts = prefetch.take(lambda: engine.generate(prompts, step_sampling(config, run.step)))
-            rollouts = fit_to_max_seq_len(run, rollouts)
-            with run.metrics.span("score"):  # the prompts carry the metadata that routing rules match
-                routing, scores = score_batch(rollouts, teachers.teachers, teachers.router,
-                                              prompts={p.index: p for p in prompts})
-            rewards = verify(rollouts, ctx.tokenizer)
+            with run.metrics.span("score"):
+                routing, scores = score_batch(rollouts, teachers.teachers, teachers.router)
+            rewards = verify(rollouts, ctx.tokenizer, config.data.verifiers)
             if run.step + 1 < train.steps:
                 upcoming, upcoming_sampling = peek(run.sampler), step_sampling(config, run.step + 1)
                 prefetch.start(lambda: engine.generate(upcoming, upcoming_sampling))
@@ -87,7 +79,7 @@ def _loop(run: StageRun, engine, teachers: TeacherSet, sync: WeightSync, loss_fn
             sync.sync(version=run.step)
         log_step(run, result, step_diagnostics(run, rollouts, routing, scores, rewards, teachers, alarm))
         maybe_checkpoint(run, extra=teachers.state())
-        maybe_evaluate(run, engine)
+        maybe_evaluate(run, engine, teachers=kl_teachers)
 
 
 def step_sampling(config: RunConfig, step: int) -> SamplingConfig:
@@ -105,12 +97,13 @@ def peek(sampler: PromptSampler):
     return upcoming
 
 
-def verify(rollouts, tokenizer) -> torch.Tensor:
-    """Verifier reward per rollout (1.0 / 0.0; 0 without a reference)."""
+def verify(rollouts, tokenizer, verifiers: dict[str, str] | None = None) -> torch.Tensor:
+    """Verifier reward per rollout (1.0 / 0.0; 0 without a reference); ``verifiers`` is data.verifiers."""
     rewards = []
     for r in rollouts:
         text = tokenizer.decode(r.response_ids.tolist(), skip_special_tokens=True)
-        rewards.append(domain_verifier(r.domain)(text, r.reference) if r.reference is not None else 0.0)
+        score = domain_verifier(r.domain, named=verifiers)(text, r.reference) if r.reference is not None else 0.0
+        rewards.append(score)
     return torch.tensor(rewards, dtype=torch.float32)
 
 
@@ -129,12 +122,10 @@ def step_diagnostics(run: StageRun, rollouts, routing, scores, rewards, teachers
 
 
 class Prefetch:
-    """Generation of the next step's rollouts in a background thread (``max_staleness = 1``)."""
+    """Generation of the next step's rollouts in a background thread (``max_staleness >= 1``)."""
 
     def __init__(self, max_staleness: int):
-        if max_staleness not in (0, 1):
-            raise ConfigError(f"rollout.max_staleness={max_staleness}: the loop looks one step ahead, so 0 or 1")
-        self.enabled = max_staleness == 1
+        self.enabled = max_staleness >= 1
         self.pool = ThreadPoolExecutor(max_workers=1) if self.enabled else None
         self.pending: Future | None = None
 

@@ -7,14 +7,15 @@ from dataclasses import replace
 
 import torch
 
-from mopd.config import RunConfig, StageConfig
+from mopd.config import PIPlacement, RunConfig, StageConfig
+from mopd.data.chat import check_takes_system_message, join_pi, place_pi
 from mopd.data.sources import PromptRenderer
 from mopd.errors import ConfigError
 from mopd.rollout.embedded import EmbeddedEngine
 from mopd.stages.batches import REFERENCE, one_hot_scores, reference_rollout, sft_loss_fn
 from mopd.stages.context import RunContext, StageOutput, broadcast
 from mopd.stages.opd import step_sampling
-from mopd.stages.training import finish_stage, fit_to_max_seq_len, log_step, maybe_checkpoint, resume_stage, start_stage, train_on
+from mopd.stages.training import finish_stage, log_step, maybe_checkpoint, resume_stage, start_stage, train_on
 from mopd.types import Prompt, Rollout
 
 
@@ -30,7 +31,7 @@ def run_sft(ctx: RunContext, stage: StageConfig, config: RunConfig) -> StageOutp
         if ctx.is_logger:
             prompts = with_pi(next(run.sampler), config, ctx.tokenizer)
             with run.metrics.span("generate"):
-                rollouts = fit_to_max_seq_len(run, _targets(prompts, writers, ctx.tokenizer, config, run.step))
+                rollouts = _targets(prompts, writers, ctx.tokenizer, config, run.step)
             routing, scores = one_hot_scores(rollouts)
         else:
             next(run.sampler)  # every rank keeps the same data position for its checkpoint
@@ -42,15 +43,26 @@ def run_sft(ctx: RunContext, stage: StageConfig, config: RunConfig) -> StageOutp
 
 
 def with_pi(prompts: list[Prompt], config: RunConfig, tokenizer) -> list[Prompt]:
-    """Show a stable ``data.pi_in_prompt`` share of prompts (chosen by prompt index) with their PI."""
-    share = config.data.pi_in_prompt
-    if share <= 0.0:
+    """Show a stable ``data.pi_in_prompt`` share of prompts (chosen by prompt index) with their PI, placed
+    where a PI self-teacher shows it: in the conversation by ``data.pi_placement`` (re-rendered by the
+    chat template), or around a plain-text prompt by ``data.pi_template``."""
+    data = config.data
+    if data.pi_in_prompt <= 0.0:
         return prompts
-    render, out = PromptRenderer(tokenizer), []
+    render, out = PromptRenderer(tokenizer, enable_thinking=data.enable_thinking), []
+    if data.pi_placement != PIPlacement.user and not render.uses_chat_template:
+        raise ConfigError(f"data.pi_placement={data.pi_placement.value} needs a chat template, and the tokenizer "
+                          "has none; plain-text prompts take pi_placement=user (data.pi_template)")
+    if data.pi_placement != PIPlacement.user:
+        check_takes_system_message(tokenizer, f"data.pi_placement={data.pi_placement.value}")
     for p in prompts:
-        if p.pi is not None and (p.index * 0.6180339887) % 1.0 < share:
-            text = config.data.pi_template.format(pi=p.pi, prompt=p.text)
-            p = replace(p, ids=torch.tensor(render(text), dtype=torch.long), text=text)
+        if p.pi is not None and (p.index * 0.6180339887) % 1.0 < data.pi_in_prompt:
+            if p.messages is None:
+                text = join_pi(data.pi_template, p.pi, p.text)
+                p = replace(p, ids=torch.tensor(render(text), dtype=torch.long), text=text)
+            else:
+                ids, messages = render.render(place_pi(p.messages, p.pi, data.pi_placement, data.pi_template))
+                p = replace(p, ids=torch.tensor(ids, dtype=torch.long), messages=messages)
         out.append(p)
     return out
 

@@ -20,7 +20,7 @@ from mopd.stages.context import RunContext
 from mopd.stages.engines import hf_engine
 from mopd.stages.student import Recorder, Student
 from mopd.sync import tracking
-from mopd.teachers import Router, Teacher, build_teachers
+from mopd.teachers import Router, Teacher, build_teachers, check_pi_coverage
 
 
 @dataclass
@@ -51,6 +51,13 @@ class TeacherSet:
             return {}
         return self.router.last.metrics()
 
+    def named(self, names: list[str]) -> list[Teacher] | None:
+        """Rank 0's teachers called ``names`` (``eval.teacher_kl``), in that order; None elsewhere."""
+        if self.teachers is None:
+            return None
+        by_name = {t.name: t for t in self.teachers}
+        return [by_name[n] for n in names]
+
 
 def build_teacher_set(ctx: RunContext, run, config: RunConfig) -> TeacherSet:
     configs = config.distill.teachers
@@ -69,8 +76,10 @@ def build_teacher_set(ctx: RunContext, run, config: RunConfig) -> TeacherSet:
     tokenizers = {}
     for t in configs:
         engines[t.name], tokenizers[t.name] = _engine(ctx, config, t, initial)
-    out.teachers = build_teachers(configs, engines, ctx.tokenizer, tokenizers, initial_weights=initial)
+    out.teachers = build_teachers(configs, engines, ctx.tokenizer, tokenizers, initial_weights=initial,
+                                  enable_thinking=config.data.enable_thinking)
     out.router = Router(config.distill.router, configs)
+    check_pi_coverage(run.sampler.source, configs, out.router)  # before the first step, not at the prompt
     return out
 
 
