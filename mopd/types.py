@@ -65,6 +65,28 @@ class Rollout:
 
 
 @dataclass(frozen=True, slots=True)
+class ChunkScores:
+    """Which chunk of a cross-tokenizer alignment each student response token belongs to (DESIGN.md §13).
+
+    A chunk is a run of student tokens and teacher tokens covering the same bytes of the response
+    (``mopd.teachers.alignment``); ``sampled_logprob`` of its first student token carries the teacher's
+    log p(chunk text), its other tokens 0. A same-tokenizer teacher is the case where every token is its
+    own 1:1 chunk.
+    """
+
+    chunk: torch.Tensor
+    """[N] int64 chunk index within the token's rollout (0, 1, ... in order); -1: outside the scored text."""
+    teacher_tokens: torch.Tensor
+    """[N] int32 teacher tokens in the token's chunk (0 where ``chunk`` is -1)."""
+
+    @staticmethod
+    def one_per_token(lengths: list[int]) -> ChunkScores:
+        """Every token its own 1:1 chunk (a same-tokenizer teacher's scores, packed with ``lengths``)."""
+        return ChunkScores(chunk=torch.cat([torch.arange(t) for t in lengths]) if lengths else torch.zeros(0, dtype=torch.long),
+                           teacher_tokens=torch.ones(sum(lengths), dtype=torch.int32))
+
+
+@dataclass(frozen=True, slots=True)
 class TeacherScores:
     """A teacher's view of the student's response tokens: the top-K transport unit.
 
@@ -83,6 +105,8 @@ class TeacherScores:
     """[N] fp32 ``log(1 - sum(exp(topk_logprobs)))``: the mass outside the top-K (``-inf`` if none)."""
     teacher: str
     """Name of the teacher that produced these scores (errors and metrics use it)."""
+    chunks: ChunkScores | None = None
+    """Set by cross-tokenizer teachers: the alignment chunk of each row (None: each row is its own token)."""
 
     @property
     def num_tokens(self) -> int:
@@ -130,6 +154,8 @@ class TeacherScores:
             topk_logprobs=self.topk_logprobs[index],
             sampled_logprob=self.sampled_logprob[index],
             tail_logmass=self.tail_logmass[index],
+            chunks=None if self.chunks is None else ChunkScores(self.chunks.chunk[index],
+                                                                self.chunks.teacher_tokens[index]),
         )
 
     @staticmethod
@@ -147,7 +173,20 @@ class TeacherScores:
             sampled_logprob=torch.cat([p.sampled_logprob for p in parts]),
             tail_logmass=torch.cat([p.tail_logmass for p in parts]),
             teacher=parts[0].teacher,
+            chunks=concat_chunks(parts),
         )
+
+
+def concat_chunks(parts: list[TeacherScores]) -> ChunkScores | None:
+    """The parts' chunks in order (None when no part has any; a part without is one token per chunk).
+
+    Chunk indices stay per rollout: each part is one rollout's scores or already a packed run of them.
+    """
+    if all(p.chunks is None for p in parts):
+        return None
+    chunks = [p.chunks or ChunkScores.one_per_token([p.num_tokens]) for p in parts]
+    return ChunkScores(chunk=torch.cat([c.chunk for c in chunks]),
+                       teacher_tokens=torch.cat([c.teacher_tokens for c in chunks]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +237,11 @@ class TrainBatch:
     """[B, S] int64 teacher of each position (index into the run's teacher list; -1 if none)."""
     reward: torch.Tensor
     """[B] fp32 verifier reward of each sequence (RLSD sign; 0 when unused)."""
+    chunk_index: torch.Tensor | None = None
+    """[B, S] int64 cross-tokenizer chunk of each position within its sequence (``ChunkScores.chunk``;
+    -1 outside the scored text). None when no teacher of the batch is cross-tokenizer."""
+    chunk_teacher_tokens: torch.Tensor | None = None
+    """[B, S] int32 teacher tokens of that chunk (``ChunkScores.teacher_tokens``); None with chunk_index."""
     teacher_logits: torch.Tensor | None = None
     """[B, S, V_local] logits of an in-trainer teacher (same vocab slice as the student's; None when every
     teacher is remote). Read by ``reverse_kl_student_topk`` at the positions routed to that teacher."""

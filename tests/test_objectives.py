@@ -118,6 +118,8 @@ def reference_token_losses(student64: torch.Tensor, batch: TrainBatch, rows: tor
         loss = pg(r * credit)
     elif name == N_.cross_entropy:
         loss = -ls_y
+    elif name == N_.uld:  # acts only on cross-tokenizer chunks wider than one token (test_objectives_cross_vocab)
+        loss = 0.0 * ls_y
     elif name == N_.reverse_kl_student_topk:
         t_logp = torch.log_softmax(flat(batch.teacher_logits).double()[:, :vocab_size] / tau, -1)
         sk = min(cfg.student_top_k, vocab_size)
@@ -204,6 +206,7 @@ CASES = {
     "aopd": ObjectiveConfig(name=N_.aopd, importance_ratio=True, ratio_cap=1.5),
     "rlsd": ObjectiveConfig(name=N_.rlsd, credit_clip=0.3),
     "cross_entropy": ObjectiveConfig(name=N_.cross_entropy),
+    "uld without cross-tokenizer chunks": ObjectiveConfig(name=N_.uld),
 }
 
 

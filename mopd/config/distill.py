@@ -19,6 +19,8 @@ class ObjectiveName(str, Enum):
     aopd = "aopd"
     rlsd = "rlsd"
     cross_entropy = "cross_entropy"
+    uld = "uld"
+    """Sorted-probability L1 (ULD) where a cross-tokenizer teacher's chunk is not 1:1 (mopd/objectives/cross_vocab.py)."""
 
 
 class TeacherKind(str, Enum):
@@ -117,6 +119,10 @@ class TeacherConfig:
     """Scale of this teacher's loss."""
     top_k: int = 64
     """Top-K entries the teacher returns per position."""
+    tokenizer: str | None = None
+    """The teacher's tokenizer: null is the student's; "char" the built-in one; otherwise an earlier stage's
+    name or an HF folder. Same vocabulary as the student's: its exact ids are scored; another: the teacher
+    reads the response as text in its own tokens and chat template (cross-tokenizer, DESIGN.md §13)."""
     objectives: list[ObjectiveConfig] = field(default_factory=list)
     """Override the run's objective for this teacher (empty: use distill.objectives)."""
     pi_template: str = "{pi}\n\n{prompt}"
@@ -152,6 +158,9 @@ class TeacherConfig:
             out.append(Problem("shared_pi", self.shared_pi, "is only read by kind=self_pi teachers"))
         if self.engine == EngineKind.sglang and not (self.endpoint or self.checkpoint):
             out.append(Problem("endpoint", None, "an sglang teacher needs endpoint or checkpoint"))
+        if self.kind == TeacherKind.self_pi and self.tokenizer is not None:
+            out.append(Problem("tokenizer", self.tokenizer, "a self_pi teacher is the student: it reads the student's"
+                               " tokenizer (only kind=expert teachers take their own)"))
         return out
 
 

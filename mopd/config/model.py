@@ -46,6 +46,15 @@ class LrSchedule(str, Enum):
     cosine = "cosine"
 
 
+class Overlong(str, Enum):
+    """What happens to a rollout longer than ``student.train.max_seq_len``."""
+
+    truncate = "truncate"
+    """Cut its response to fit (counted: ``train/truncated_rollouts``, ``train/truncated_tokens``)."""
+    refuse = "refuse"
+    """Stop the run, naming the rollout."""
+
+
 class RopeScaling(str, Enum):
     """RoPE frequency scaling the Megatron student reproduces exactly."""
 
@@ -239,7 +248,10 @@ class TrainConfig:
     micro_batch_size: int = 2
     """Sequences per forward/backward pass on one rank."""
     max_seq_len: int = 256
-    """Longest prompt + response the student trains on."""
+    """Longest prompt + response the student trains on (at most model.max_position_embeddings)."""
+    overlong: Overlong = Overlong.truncate
+    """A longer rollout: truncate its response (counted in the step's metrics) or refuse (stop the run).
+    A prompt that alone reaches max_seq_len is always refused."""
     loss_chunk_tokens: int = 1024
     """Objectives process this many tokens at a time (bounds the extra memory beyond the logits)."""
 
@@ -271,6 +283,9 @@ class StudentConfig:
         if self.optimizer.warmup_steps >= self.train.steps:
             out.append(Problem("optimizer.warmup_steps", self.optimizer.warmup_steps,
                                f"must be smaller than train.steps={self.train.steps}"))
+        if self.train.max_seq_len > m.max_position_embeddings:
+            out.append(Problem("train.max_seq_len", self.train.max_seq_len,
+                               f"must not exceed model.max_position_embeddings={m.max_position_embeddings}"))
         if m.num_layers % self.parallel.pipeline_parallel:
             out.append(Problem("parallel.pipeline_parallel", self.parallel.pipeline_parallel,
                                f"must divide model.num_layers={m.num_layers}"))

@@ -31,7 +31,8 @@ from mopd.config import ObjectiveConfig, ObjectiveName
 from mopd.errors import ObjectiveError
 from mopd.objectives.divergences import Buckets
 from mopd.objectives.metrics import teacher_metrics
-from mopd.objectives.registry import InTrainerTeacher, ObjectiveInputs, check_objective, get_objective
+from mopd.objectives.cross_vocab import ChunkInputs
+from mopd.objectives.registry import InTrainerTeacher, ObjectiveInputs, check_objective, run_objective
 from mopd.objectives.validation import validate_batch
 from mopd.objectives.vocab_parallel import VocabShard, select_logprobs
 from mopd.types import LossFn, TrainBatch
@@ -120,7 +121,7 @@ def distill_loss(logits: torch.Tensor, batch: TrainBatch, *,
     for tp in plan.teachers:
         pos = (teacher_of == tp.index).nonzero().squeeze(1)
         x = _inputs(batch, logits, rows, pos, seq_of, sel, k, plan)
-        terms = [(ObjectiveName(cfg.name).value, get_objective(cfg.name)(x, cfg)) for cfg in tp.terms]
+        terms = [(ObjectiveName(cfg.name).value, run_objective(cfg, x, f"teacher {tp.name!r}")) for cfg in tp.terms]
         total = tp.coef * sum(cfg.coef * term.loss for cfg, (_, term) in zip(tp.terms, terms))
         weight = mask[rows[pos]].float()
         # where(): a token with weight 0 must not turn an infinite term into NaN.
@@ -137,6 +138,10 @@ def _inputs(batch: TrainBatch, logits: torch.Tensor, rows: torch.Tensor, pos: to
     def flat(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(-1, *t.shape[2:])[r]
 
+    chunks = None
+    if batch.chunk_index is not None:  # a cross-tokenizer teacher in the batch: its rows come in chunks
+        chunks = ChunkInputs.build(flat(batch.chunk_index), flat(batch.chunk_teacher_tokens), seq_of[pos])
+
     return ObjectiveInputs(
         student=Buckets(sel.logp[pos, :k], sel.log_tail[pos]),
         student_sampled=sel.logp[pos, k],
@@ -146,4 +151,5 @@ def _inputs(batch: TrainBatch, logits: torch.Tensor, rows: torch.Tensor, pos: to
         behaviour_logprobs=flat(batch.behaviour_logprobs).float(),
         reward=batch.reward.float()[seq_of[pos]],
         in_trainer=InTrainerTeacher(logits, batch.teacher_logits, r, plan.shard, plan.chunk_tokens),
+        chunks=chunks,
     )

@@ -12,12 +12,25 @@ and ``mean_metrics`` divides by it. Keys:
                          KL(p_s || p_t) (noisy per token; meaningful as a mean)
     topk_coverage        student mass on the teacher's top-K ids
     clipped_fraction     tokens where any term clipped (entry/token cap, advantage clamp, IS truncation)
+
+In a batch with a cross-tokenizer teacher (``ObjectiveInputs.chunks``, DESIGN.md §13) the top-K rows mean
+something only at 1:1 chunks, so ``forward_kl`` and ``topk_coverage`` move under ``aligned/`` (divided by
+``aligned/tokens``, the 1:1 tokens), and these are added:
+
+    aligned_fraction     student tokens in 1:1 chunks
+    unscored_fraction    student tokens outside the text the teacher scored
+    aligned/mapped_topk_mass  teacher mass on top-K entries that have a student token of the same bytes
+    chunks/len           student tokens per chunk (divided by ``chunks/tokens``, the number of chunks)
+    chunks/kl_est        log p_s(chunk) - log p_t(chunk) per chunk: the on-policy chunk-level KL estimate
+    reverse_kl_est       the same summed over chunks, per token (equal to the per-token estimate when all
+                         chunks are 1:1)
 """
 
 from __future__ import annotations
 
 import torch
 
+from mopd.objectives.cross_vocab import chunk_teacher_logprob
 from mopd.objectives.divergences import TermOutput, bucket_divergence, teacher_at_temperature
 from mopd.objectives.registry import ObjectiveInputs
 
@@ -56,13 +69,38 @@ def teacher_metrics(teacher: str, x: ObjectiveInputs, weight: torch.Tensor, term
     for key, (_, term) in zip(term_keys([name for name, _ in terms]), terms):
         out[key] = wsum(term.loss.detach())
         clipped |= term.clipped
-    if with_teacher:
+    if with_teacher and x.chunks is not None:
+        out.update(_chunk_metrics(x, wsum))
+    elif with_teacher:
         buckets, log_z = teacher_at_temperature(x.topk_logprobs, x.tail_logmass, 1.0)
         out["forward_kl"] = wsum(bucket_divergence("forward_kl", buckets, x.student, tail=True).loss)
         out["reverse_kl_est"] = wsum(x.student_sampled.detach() - (x.sampled_logprob.float() - log_z))
         out["topk_coverage"] = wsum(-torch.expm1(x.student.log_tail.detach()))
     out["clipped_fraction"] = wsum(clipped)
     return {metric_key(teacher, k): v.detach().float() for k, v in out.items()}
+
+
+def _chunk_metrics(x: ObjectiveInputs, wsum) -> dict[str, torch.Tensor]:
+    """The cross-tokenizer metrics of the module docstring (sums; counts under aligned/ and chunks/)."""
+    ch = x.chunks
+    one = ch.one_to_one.float()
+    buckets, _ = teacher_at_temperature(x.topk_logprobs, x.tail_logmass, 1.0)
+    teacher_y = chunk_teacher_logprob(x, 1.0)
+    chunk_kl = ch.segment_sum(x.student_sampled.detach().float() - teacher_y)[ch.segment]
+    starts = (ch.first & ch.scored).float()
+    fkl = bucket_divergence("forward_kl", buckets, x.student, tail=True).loss
+    return {
+        "reverse_kl_est": wsum(torch.where(ch.scored, x.student_sampled.detach() - teacher_y, 0.0)),
+        "aligned_fraction": wsum(one),
+        "unscored_fraction": wsum((~ch.scored).float()),
+        "aligned/" + COUNT: wsum(one),
+        "aligned/forward_kl": wsum(torch.where(ch.one_to_one, fkl, 0.0)),
+        "aligned/topk_coverage": wsum(one * -torch.expm1(x.student.log_tail.detach())),
+        "aligned/mapped_topk_mass": wsum(one * x.topk_logprobs.float().exp().sum(dim=1)),
+        "chunks/" + COUNT: wsum(starts),
+        "chunks/len": wsum(starts * ch.student_tokens.float()),
+        "chunks/kl_est": wsum(starts * chunk_kl),
+    }
 
 
 def mean_metrics(sums: dict[str, torch.Tensor | float]) -> dict[str, float]:

@@ -7,12 +7,13 @@ in divergences.py (bucketed divergences) and policy_gradient.py (sampled-token l
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from mopd.config import ObjectiveConfig, ObjectiveName
 from mopd.errors import ObjectiveError
+from mopd.objectives import cross_vocab as xv
 from mopd.objectives import policy_gradient as pg
 from mopd.objectives.divergences import Buckets, TermOutput, bucket_divergence, teacher_at_temperature
 from mopd.objectives.vocab_parallel import VocabShard, global_topk_ids, select_logprobs
@@ -51,6 +52,8 @@ class ObjectiveInputs:
     reward: torch.Tensor
     """[n] fp32 the verifier reward of each token's sequence."""
     in_trainer: InTrainerTeacher | None = None
+    chunks: xv.ChunkInputs | None = None
+    """Cross-tokenizer alignment chunks of these tokens (None: every token is its own 1:1 chunk)."""
 
     def teacher(self, temperature: float) -> tuple[Buckets, torch.Tensor]:
         """(teacher buckets at ``temperature``, [n] teacher log p(y) at the same temperature)."""
@@ -63,6 +66,8 @@ Objective = Callable[[ObjectiveInputs, ObjectiveConfig], TermOutput]
 
 def _bucketed(kind: str) -> Objective:
     def objective(x: ObjectiveInputs, cfg: ObjectiveConfig) -> TermOutput:
+        if x.chunks is not None:
+            return xv.one_to_one_divergence(kind, x, cfg)
         teacher, _ = x.teacher(cfg.teacher_temperature)
         return bucket_divergence(kind, teacher, x.student, tail=cfg.tail_bucket, beta=cfg.beta,
                                  entry_clip=cfg.entry_clip, token_clip=cfg.token_clip)
@@ -75,6 +80,8 @@ def _behaviour(x: ObjectiveInputs, cfg: ObjectiveConfig) -> torch.Tensor | None:
 
 
 def reverse_kl_sampled(x: ObjectiveInputs, cfg: ObjectiveConfig) -> TermOutput:
+    if x.chunks is not None:
+        return xv.chunk_reverse_kl(x, cfg)
     _, teacher_y = x.teacher(cfg.teacher_temperature)
     return pg.reverse_kl_sampled(x.student_sampled, teacher_y, behaviour_logp=_behaviour(x, cfg),
                                  ratio_cap=cfg.ratio_cap, token_clip=cfg.token_clip)
@@ -127,9 +134,30 @@ OBJECTIVES: dict[ObjectiveName, Objective] = {
     ObjectiveName.aopd: aopd,
     ObjectiveName.rlsd: rlsd,
     ObjectiveName.cross_entropy: cross_entropy,
+    ObjectiveName.uld: xv.uld,
 }
 
-_NO_ENTRY_CLIP = {ObjectiveName.reverse_kl_sampled, ObjectiveName.rlsd, ObjectiveName.cross_entropy}
+CROSS_VOCAB = frozenset({ObjectiveName.reverse_kl_sampled, ObjectiveName.forward_kl_topk, ObjectiveName.jsd,
+                         ObjectiveName.skew_kl, ObjectiveName.uld, ObjectiveName.cross_entropy})
+"""Objectives defined for a teacher of another tokenizer (cross_vocab.py); the others read per-token
+teacher values that only a same-vocabulary teacher has."""
+
+_NO_ENTRY_CLIP = {ObjectiveName.reverse_kl_sampled, ObjectiveName.rlsd, ObjectiveName.cross_entropy,
+                  ObjectiveName.uld}
+
+
+def run_objective(cfg: ObjectiveConfig, x: ObjectiveInputs, where: str) -> TermOutput:
+    """``cfg``'s objective on ``x``; an objective outside CROSS_VOCAB meeting real (not all 1:1) chunks is
+    an ObjectiveError naming ``where`` (the teacher), never a silent misreading of placeholder rows."""
+    name = ObjectiveName(cfg.name)
+    ch = x.chunks
+    if ch is not None and name not in CROSS_VOCAB:
+        if bool(ch.one_to_one.all()):
+            x = replace(x, chunks=None)  # every token is 1:1: exactly the same-vocabulary case
+        else:
+            raise ObjectiveError(f"{where}: {name.value} is not defined for a cross-tokenizer teacher; use one of "
+                                 f"{sorted(n.value for n in CROSS_VOCAB)}")
+    return get_objective(name)(x, cfg)
 
 
 def get_objective(name: ObjectiveName | str) -> Objective:

@@ -4,9 +4,10 @@ Each step: sample prompts -> the student's engine generates -> the router assign
 teachers score the student's tokens (top-K) -> the Megatron student trains on them -> its weights
 are synced into the engine (and into EMA self-teachers). Rank 0 holds the engines; every rank trains.
 
-With ``rollout.max_staleness >= 1`` generation of step n+1 overlaps training of step n (one thread),
-so those rollouts come from weights one version old; turn on the objectives' ``importance_ratio`` to
-correct for it. Off (0) by default: fully on-policy.
+With ``rollout.max_staleness = 1`` generation of step n+1 overlaps training of step n (one thread),
+so those rollouts come from weights exactly one version old; turn on the objectives' ``importance_ratio``
+to correct for it. Off (0) by default: fully on-policy. One step of look-ahead is all the loop has, so
+the config refuses larger values (mopd.config.distill.RolloutConfig).
 """
 
 from __future__ import annotations
@@ -26,7 +27,16 @@ from mopd.stages.context import RunContext, StageOutput
 from mopd.stages.engines import rollout_engine
 from mopd.stages.evaluate import maybe_evaluate
 from mopd.stages.teachers import TeacherSet, build_teacher_set
-from mopd.stages.training import StageRun, finish_stage, log_step, maybe_checkpoint, resume_stage, start_stage, train_on
+from mopd.stages.training import (
+    StageRun,
+    finish_stage,
+    fit_to_max_seq_len,
+    log_step,
+    maybe_checkpoint,
+    resume_stage,
+    start_stage,
+    train_on,
+)
 from mopd.sync import WeightSync
 from mopd.teachers import score_batch
 
@@ -67,8 +77,10 @@ def _loop(run: StageRun, engine, teachers: TeacherSet, sync: WeightSync, loss_fn
         if ctx.is_logger:
             with run.metrics.span("generate"):
                 rollouts = prefetch.take(lambda: engine.generate(prompts, step_sampling(config, run.step)))
-            with run.metrics.span("score"):
-                routing, scores = score_batch(rollouts, teachers.teachers, teachers.router)
+            rollouts = fit_to_max_seq_len(run, rollouts)
+            with run.metrics.span("score"):  # the prompts carry the metadata that routing rules match
+                routing, scores = score_batch(rollouts, teachers.teachers, teachers.router,
+                                              prompts={p.index: p for p in prompts})
             rewards = verify(rollouts, ctx.tokenizer, config.data.verifiers)
             if run.step + 1 < train.steps:
                 upcoming, upcoming_sampling = peek(run.sampler), step_sampling(config, run.step + 1)
@@ -122,10 +134,12 @@ def step_diagnostics(run: StageRun, rollouts, routing, scores, rewards, teachers
 
 
 class Prefetch:
-    """Generation of the next step's rollouts in a background thread (``max_staleness >= 1``)."""
+    """Generation of the next step's rollouts in a background thread (``max_staleness = 1``)."""
 
     def __init__(self, max_staleness: int):
-        self.enabled = max_staleness >= 1
+        if max_staleness not in (0, 1):
+            raise ConfigError(f"rollout.max_staleness={max_staleness}: the loop looks one step ahead, so 0 or 1")
+        self.enabled = max_staleness == 1
         self.pool = ThreadPoolExecutor(max_workers=1) if self.enabled else None
         self.pending: Future | None = None
 

@@ -15,7 +15,7 @@ from mopd.rollout.embedded import EmbeddedEngine
 from mopd.stages.batches import REFERENCE, one_hot_scores, reference_rollout, sft_loss_fn
 from mopd.stages.context import RunContext, StageOutput, broadcast
 from mopd.stages.opd import step_sampling
-from mopd.stages.training import finish_stage, log_step, maybe_checkpoint, resume_stage, start_stage, train_on
+from mopd.stages.training import finish_stage, fit_to_max_seq_len, log_step, maybe_checkpoint, resume_stage, start_stage, train_on
 from mopd.types import Prompt, Rollout
 
 
@@ -31,7 +31,7 @@ def run_sft(ctx: RunContext, stage: StageConfig, config: RunConfig) -> StageOutp
         if ctx.is_logger:
             prompts = with_pi(next(run.sampler), config, ctx.tokenizer)
             with run.metrics.span("generate"):
-                rollouts = _targets(prompts, writers, ctx.tokenizer, config, run.step)
+                rollouts = fit_to_max_seq_len(run, _targets(prompts, writers, ctx.tokenizer, config, run.step))
             routing, scores = one_hot_scores(rollouts)
         else:
             next(run.sampler)  # every rank keeps the same data position for its checkpoint

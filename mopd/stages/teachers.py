@@ -9,6 +9,7 @@ coefficients (the loss needs them); only rank 0 holds teachers and the router.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -21,6 +22,7 @@ from mopd.stages.engines import hf_engine
 from mopd.stages.student import Recorder, Student
 from mopd.sync import tracking
 from mopd.teachers import Router, Teacher, build_teachers, check_pi_coverage
+from mopd.teachers.build import configured_tokenizer
 
 
 @dataclass
@@ -76,11 +78,20 @@ def build_teacher_set(ctx: RunContext, run, config: RunConfig) -> TeacherSet:
     tokenizers = {}
     for t in configs:
         engines[t.name], tokenizers[t.name] = _engine(ctx, config, t, initial)
+        if t.tokenizer is not None:  # its own tokenizer: same vocabulary or cross-tokenizer (DESIGN.md §13)
+            own = tokenizers[t.name] if tokenizers[t.name] is not ctx.tokenizer else None
+            tokenizers[t.name] = configured_tokenizer(t, own, _folder_of(ctx))
     out.teachers = build_teachers(configs, engines, ctx.tokenizer, tokenizers, initial_weights=initial,
-                                  enable_thinking=config.data.enable_thinking)
+                                  enable_thinking=config.data.enable_thinking,
+                                  default_objectives={t.name: objectives[i] for i, t in enumerate(configs)})
     out.router = Router(config.distill.router, configs)
     check_pi_coverage(run.sampler.source, configs, out.router)  # before the first step, not at the prompt
     return out
+
+
+def _folder_of(ctx: RunContext):
+    """An earlier stage's HF folder or a path (a tokenizer folder need not hold a model's config.json)."""
+    return lambda name: ctx.hf_dir_of(name) if name in ctx.outputs else Path(name)
 
 
 def _collect(student: Student) -> list[tuple[str, torch.Tensor]] | None:

@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tqdm import tqdm
 
 from mopd.config import RunConfig, StageConfig
+from mopd.config.model import Overlong
 from mopd.data.sampler import PromptSampler
 from mopd.data.sources import build_source
 from mopd.data.synthetic import PiMode
-from mopd.errors import ConfigError
+from mopd.errors import ConfigError, DataError
 from mopd.metrics import Metrics
 from mopd.objectives import mean_metrics
 from mopd.rollout.engine import Engine
@@ -46,6 +47,8 @@ class StageRun:
     history: list[dict[str, float]] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
     progress: tqdm | None = None
+    length_metrics: dict[str, float] = field(default_factory=dict)
+    """This step's ``train/truncated_*`` counts (rank 0's, set by ``fit_to_max_seq_len``)."""
 
     @property
     def dir(self) -> Path:
@@ -100,6 +103,34 @@ def init_weights(ctx: RunContext, stage: StageConfig) -> Path | None:
     return path
 
 
+def fit_to_max_seq_len(run: StageRun, rollouts: list[Rollout]) -> list[Rollout]:
+    """Enforce ``student.train.max_seq_len`` (prompt + response) on rank 0's rollouts, before scoring.
+
+    ``overlong=truncate`` cuts a longer response to fit and counts it (``train/truncated_rollouts``,
+    ``train/truncated_tokens``: the tokens cut); ``overlong=refuse`` stops the run naming the rollout.
+    A prompt that leaves no room for one response token is refused either way.
+    """
+    train = run.config.student.train
+    limit, out, cut_rollouts, cut_tokens = train.max_seq_len, [], 0, 0
+    for i, r in enumerate(rollouts):
+        p, t = int(r.prompt_ids.numel()), int(r.response_ids.numel())
+        if p + t <= limit:
+            out.append(r)
+            continue
+        if train.overlong == Overlong.refuse or p >= limit:
+            why = ("student.train.overlong=refuse" if p < limit else "its prompt alone fills it")
+            raise DataError(f"student.train.max_seq_len={limit}: rollout {i} (prompt {r.prompt_index}, domain "
+                            f"{r.domain!r}) has {p} prompt + {t} response tokens ({why}); raise max_seq_len, lower "
+                            "rollout.sampling.max_new_tokens or data.max_prompt_tokens, or set overlong=truncate")
+        keep = limit - p
+        response = r.response_ids[:keep]
+        out.append(replace(r, response_ids=response, behaviour_logprobs=r.behaviour_logprobs[:keep], finish="length",
+                           text=run.ctx.tokenizer.decode(response.tolist(), skip_special_tokens=True)))
+        cut_rollouts, cut_tokens = cut_rollouts + 1, cut_tokens + t - keep
+    run.length_metrics = {"train/truncated_rollouts": float(cut_rollouts), "train/truncated_tokens": float(cut_tokens)}
+    return out
+
+
 def train_on(run: StageRun, rollouts: list[Rollout] | None, routing: Routing | None,
              scores: TeacherScores | None, loss_fn: LossFn, teacher_names: tuple[str, ...],
              rewards=None) -> StepResult:
@@ -107,6 +138,10 @@ def train_on(run: StageRun, rollouts: list[Rollout] | None, routing: Routing | N
     cfg = run.config.student
     batches = None
     if run.ctx.is_logger:
+        longest = max(int(r.prompt_ids.numel() + r.response_ids.numel()) for r in rollouts)
+        if longest > cfg.train.max_seq_len:  # fit_to_max_seq_len runs before scoring; this is its guard
+            raise DataError(f"student.train.max_seq_len={cfg.train.max_seq_len}: a {longest}-token rollout reached "
+                            "the train step (fit_to_max_seq_len was skipped)")
         batches = build_train_batches(rollouts, scores, routing, cfg.train.micro_batch_size,
                                       run.ctx.tokenizer.pad_token_id, rewards=rewards)
     with run.metrics.span("train"):
@@ -121,7 +156,7 @@ def train_on(run: StageRun, rollouts: list[Rollout] | None, routing: Routing | N
 def log_step(run: StageRun, result: StepResult, extra: dict[str, float]) -> None:
     values = {"train/loss": result.loss, "train/grad_norm": result.grad_norm, "train/lr": result.lr,
               "train/tokens": float(result.num_tokens), "train/tokens_per_s": result.tokens_per_s,
-              **mean_metrics(result.metrics), **extra, **run.metrics.pop_timings()}
+              **mean_metrics(result.metrics), **run.length_metrics, **extra, **run.metrics.pop_timings()}
     if run.step % run.config.logging.log_every == 0 or run.step == 1:
         run.metrics.log(run.step, values)
     run.history.append({"step": float(run.step), **{k: float(v) for k, v in values.items()}})

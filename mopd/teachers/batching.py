@@ -73,6 +73,9 @@ def _micro_batch(
         teacher_index=torch.full((b, s), -1, dtype=torch.int64),
         reward=torch.zeros(b),
     )
+    if scores.chunks is not None:  # a cross-tokenizer teacher in the batch (DESIGN.md §13)
+        out["chunk_index"] = torch.full((b, s), -1, dtype=torch.int64)
+        out["chunk_teacher_tokens"] = torch.zeros((b, s), dtype=torch.int32)
     for row, i in enumerate(rows):
         r = rollouts[i]
         p, t = int(r.prompt_ids.numel()), int(r.response_ids.numel())
@@ -88,6 +91,9 @@ def _micro_batch(
         out["tail_logmass"][row, pos] = scores.tail_logmass[tok].float()
         out["behaviour_logprobs"][row, pos] = r.behaviour_logprobs.float()
         out["teacher_index"][row, pos] = routing.index[tok]
+        if scores.chunks is not None:
+            out["chunk_index"][row, pos] = scores.chunks.chunk[tok]
+            out["chunk_teacher_tokens"][row, pos] = scores.chunks.teacher_tokens[tok]
         out["reward"][row] = reward[i]
     position_ids = torch.arange(s, dtype=torch.int64).expand(b, s).clone()
     return TrainBatch(position_ids=position_ids, **out)

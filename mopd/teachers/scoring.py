@@ -22,8 +22,9 @@ import torch
 
 from mopd.errors import TeacherError
 from mopd.teachers.base import Teacher
+from mopd.teachers.cross import CrossTokenizerTeacher
 from mopd.teachers.router import Router, logprob_dtype, routed_label
-from mopd.types import Prompt, Rollout, Routing, TeacherScores
+from mopd.types import Prompt, Rollout, Routing, TeacherScores, concat_chunks
 
 
 def score_batch(
@@ -50,6 +51,10 @@ def score_batch(
     k = common_top_k(teachers) if top_k is None else top_k
     lengths = [int(r.response_ids.numel()) for r in rollouts]
     if router.per_token:
+        cross = [teachers[m].name for m in router.candidates() if is_cross_tokenizer(teachers[m])]
+        if cross:
+            raise TeacherError(f"per-token routing compares teachers token by token, but {cross} score chunks of "
+                               "another tokenizer; route them per prompt (distill.router.granularity=prompt)")
         cand = router.candidates()
         got = _run([lambda m=m: teachers[m].score(rollouts, k) for m in cand], concurrent)
         routing, scores = router.route_tokens({m: TeacherScores.concat(g) for m, g in zip(cand, got)})
@@ -59,6 +64,11 @@ def score_batch(
         routing = router.expand(per_rollout, lengths)
     router.record(routing, lengths)
     return routing, scores
+
+
+def is_cross_tokenizer(teacher: Teacher) -> bool:
+    """Whether ``teacher`` reads the response as text in its own tokenizer (``CrossTokenizerTeacher``)."""
+    return isinstance(teacher, CrossTokenizerTeacher)
 
 
 def common_top_k(teachers: Sequence[Teacher]) -> int:
@@ -93,6 +103,7 @@ def _gather_by_teacher(
         sampled_logprob=torch.cat([p.sampled_logprob for p in ready]),
         tail_logmass=torch.cat([p.tail_logmass for p in ready]),
         teacher=label,
+        chunks=concat_chunks(ready),  # cross-tokenizer teachers' alignment; same-vocab rows: one token each
     )
 
 

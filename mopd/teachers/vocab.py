@@ -50,8 +50,11 @@ def vocab_differences(student: PreTrainedTokenizerBase, teacher: PreTrainedToken
             out.append(VocabDifference(f"id {i}", _show(s_ids.get(i)), _show(t_ids.get(i))))
     return out
 
-def check_vocab(teacher_name: str, student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase) -> None:
-    """Raise TeacherError naming the teacher and up to MAX_LISTED differing ids/tokens, if any."""
+def check_vocab(teacher_name: str, student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase,
+                hint: str = "") -> None:
+    """Raise TeacherError naming the teacher and up to MAX_LISTED differing ids/tokens, if any.
+
+    ``hint`` is appended to "so they must share its vocabulary" (the cross-tokenizer way out)."""
     diffs = vocab_differences(student, teacher)
     if not diffs:
         return
@@ -59,7 +62,7 @@ def check_vocab(teacher_name: str, student: PreTrainedTokenizerBase, teacher: Pr
     more = f"\n  ... and {len(diffs) - MAX_LISTED} more" if len(diffs) > MAX_LISTED else ""
     raise TeacherError(
         f"teacher {teacher_name!r}: tokenizer does not match the student's ({len(diffs)} differences); teachers score "
-        f"the student's token ids, so they must share its vocabulary:\n  {listed}{more}"
+        f"the student's token ids, so they must share its vocabulary{' ' + hint if hint else ''}:\n  {listed}{more}"
     )
 
 def _special(tok: PreTrainedTokenizerBase, role: str) -> str:
