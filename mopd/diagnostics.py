@@ -13,14 +13,20 @@ responses. Per teacher, every step, from what rank 0 already holds (no extra for
 - ``response_len``, ``markers/<m>`` (epistemic markers per response), ``kl_pos<b>`` (the KL estimate
   in response-position bucket ``b`` of ``position_buckets`` equal parts of each response).
 
-``Alarm`` compares the mean of the first ``alarm_window`` steps with the latest window and warns
-once per key when entropy or response length has fallen by more than ``alarm_drop``.
+``Alarm`` compares the mean of the first ``alarm_window`` steps with the latest window and fires
+once per key when entropy or response length has fallen by more than ``alarm_drop``; what a firing
+alarm does (warn, stop the run, save a checkpoint) is ``diagnostics.on_alarm``, carried out by the opd
+loop with ``last_good_checkpoint`` / ``set_aside_after``.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -79,18 +85,41 @@ def _rows_per_rollout(rollouts: Sequence[Rollout]) -> list[slice]:
     return out
 
 
+@dataclass(frozen=True)
+class AlarmEvent:
+    """One watched diagnostic that fell past ``alarm_drop``."""
+
+    step: int
+    key: str
+    """The diagnostic, e.g. ``teacher/self/entropy``."""
+    start: float
+    """Mean over the first ``alarm_window`` steps."""
+    now: float
+    """Mean over the latest ``alarm_window`` steps."""
+    window_start: int
+    """First step of the latest window: the collapse was under way by then."""
+    drop: float
+
+    @property
+    def message(self) -> str:
+        return (f"step {self.step}: {self.key} fell {100 * (self.start - self.now) / self.start:.0f}% from "
+                f"{self.start:.3g} to {self.now:.3g} (alarm at {100 * self.drop:.0f}%): possible collapse")
+
+
 class Alarm:
-    """Warns when a watched diagnostic falls by more than ``alarm_drop`` from its starting level."""
+    """Fires when a watched diagnostic falls by more than ``alarm_drop`` from its starting level."""
 
     def __init__(self, config: DiagnosticsConfig):
         self.config = config
         self.watched = tuple(f"/{name}" for name in config.alarm_on)
         self.series: dict[str, list[float]] = defaultdict(list)
         self.raised: dict[str, str] = {}
+        self.fresh: list[AlarmEvent] = []
+        """The events of the latest ``update``."""
 
-    def update(self, step: int, values: dict[str, float]) -> list[str]:
-        """Record this step; return the new warnings (each key warns once)."""
-        fresh = []
+    def update(self, step: int, values: dict[str, float]) -> list[AlarmEvent]:
+        """Record this step; return the new events (each key fires once)."""
+        self.fresh = []
         w = self.config.alarm_window
         for key, value in values.items():
             if not self.watched or not key.endswith(self.watched):
@@ -101,8 +130,39 @@ class Alarm:
                 continue
             start, now = sum(series[:w]) / w, sum(series[-w:]) / w
             if start > 0 and (start - now) / start > self.config.alarm_drop:
-                message = (f"step {step}: {key} fell {100 * (start - now) / start:.0f}% from {start:.3g} to {now:.3g} "
-                           f"(alarm at {100 * self.config.alarm_drop:.0f}%): possible collapse")
-                self.raised[key] = message
-                fresh.append(message)
-        return fresh
+                event = AlarmEvent(step, key, start, now, step - w + 1, self.config.alarm_drop)
+                self.raised[key] = event.message
+                self.fresh.append(event)
+        return self.fresh
+
+
+def checkpoint_steps(directory: Path) -> dict[int, Path]:
+    """step -> complete checkpoint folder under ``directory`` (those ``--resume`` would consider)."""
+    from mopd.student.checkpoint import MARKER
+
+    out: dict[int, Path] = {}
+    if directory.is_dir():
+        for child in directory.iterdir():
+            if not child.name.startswith(".") and (child / MARKER).is_file():
+                out[int(json.loads((child / MARKER).read_text())["step"])] = child
+    return out
+
+
+def last_good_checkpoint(directory: Path, event: AlarmEvent) -> Path | None:
+    """The latest checkpoint saved before the window that tripped ``event`` (None if none is left)."""
+    before = {s: p for s, p in checkpoint_steps(directory).items() if s < event.window_start}
+    return before[max(before)] if before else None
+
+
+def set_aside_after(directory: Path, event: AlarmEvent) -> list[Path]:
+    """Move checkpoints written inside the tripped window to ``directory/after_alarm/`` (kept, but no
+    longer what ``--resume`` picks). Rank 0 only."""
+    moved = []
+    for step, path in sorted(checkpoint_steps(directory).items()):
+        if step >= event.window_start:
+            target = directory / "after_alarm" / path.name
+            target.parent.mkdir(exist_ok=True)
+            shutil.rmtree(target, ignore_errors=True)
+            path.rename(target)
+            moved.append(target)
+    return moved

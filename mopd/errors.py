@@ -32,3 +32,8 @@ class DataError(MopdError, ValueError):
 
 class NonFiniteLossError(MopdError, FloatingPointError):
     """The loss or gradient norm became NaN/inf; raised before the optimizer touches the weights."""
+
+
+class CollapseError(MopdError, RuntimeError):
+    """A watched diagnostic collapsed and ``diagnostics.on_alarm=stop`` ended the run; the message names
+    the metric, the step and the last checkpoint from before the collapse."""

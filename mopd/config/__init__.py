@@ -34,6 +34,7 @@ from mopd.config.model import (
     padded_vocab_size,
 )
 from mopd.config.run import (
+    AlarmAction,
     CheckpointConfig,
     DataConfig,
     DiagnosticsConfig,

@@ -29,6 +29,20 @@ class WandbMode(str, Enum):
     disabled = "disabled"
 
 
+class AlarmAction(str, Enum):
+    """What a firing diagnostics alarm does (``diagnostics.on_alarm``)."""
+
+    warn = "warn"
+    """Print it, keep it for the summary, keep training."""
+    stop = "stop"
+    """End the run with a CollapseError naming the metric and step. Checkpoints written inside the
+    window that tripped the alarm move to ``checkpoints/after_alarm/``, so the latest one left is from
+    before the collapse and ``--resume`` starts from it; none is written after the alarm."""
+    checkpoint = "checkpoint"
+    """Save a checkpoint at the alarm step under ``<stage>/alarm_checkpoints/`` (never pruned by
+    ``checkpoint.keep_last``; usable as ``init_from``) and keep training."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
     """Where prompts come from."""
@@ -182,6 +196,9 @@ class DiagnosticsConfig:
     """Per-teacher diagnostics the alarm watches (entropy, response_len)."""
     alarm_window: int = 5
     """Steps averaged at the start and at the current point for the alarm."""
+    on_alarm: AlarmAction = AlarmAction.warn
+    """warn, stop or checkpoint (see AlarmAction). With stop, keep ``checkpoint.save_every *
+    (checkpoint.keep_last - 1)`` above ``alarm_window`` so a checkpoint from before the window survives."""
 
     def problems(self) -> list[Problem]:
         out = positive(self, "position_buckets", "alarm_window")

@@ -17,13 +17,13 @@ from dataclasses import replace
 
 import torch
 
-from mopd.config import RunConfig, SamplingConfig, StageConfig
+from mopd.config import AlarmAction, RunConfig, SamplingConfig, StageConfig
 from mopd.data.sampler import PromptSampler
 from mopd.data.synthetic import domain_verifier
-from mopd.diagnostics import Alarm, rollout_diagnostics
-from mopd.errors import ConfigError
+from mopd.diagnostics import Alarm, last_good_checkpoint, rollout_diagnostics, set_aside_after
+from mopd.errors import CollapseError, ConfigError
 from mopd.stages.batches import loss_fn_for
-from mopd.stages.context import RunContext, StageOutput
+from mopd.stages.context import RunContext, StageOutput, broadcast
 from mopd.stages.engines import rollout_engine
 from mopd.stages.evaluate import maybe_evaluate
 from mopd.stages.teachers import TeacherSet, build_teacher_set
@@ -90,6 +90,7 @@ def _loop(run: StageRun, engine, teachers: TeacherSet, sync: WeightSync, loss_fn
         with run.metrics.span("sync"):
             sync.sync(version=run.step)
         log_step(run, result, step_diagnostics(run, rollouts, routing, scores, rewards, teachers, alarm))
+        act_on_alarm(run, alarm, teachers)  # before this step's checkpoint: stop writes none after the alarm
         maybe_checkpoint(run, extra=teachers.state())
         maybe_evaluate(run, engine, teachers=kl_teachers)
 
@@ -128,9 +129,36 @@ def step_diagnostics(run: StageRun, rollouts, routing, scores, rewards, teachers
     values["rollout/reward"] = float(rewards.mean())
     values["rollout/weight_version"] = float(min(r.weight_version for r in rollouts))
     values.update(teachers.route_metrics())
-    for message in alarm.update(run.step, values):
-        run.metrics.warn(message)
+    for event in alarm.update(run.step, values):
+        run.metrics.warn(event.message)
     return values
+
+
+def act_on_alarm(run: StageRun, alarm: Alarm, teachers: TeacherSet) -> None:
+    """``diagnostics.on_alarm`` for the alarms of this step (rank 0 saw them; every rank acts)."""
+    action = run.config.diagnostics.on_alarm
+    if action == AlarmAction.warn:
+        return
+    events = broadcast(alarm.fresh if run.ctx.is_logger else None)
+    if not events:
+        return
+    if action == AlarmAction.checkpoint:
+        maybe_checkpoint(run, extra=teachers.state(), force=True, directory=run.dir / "alarm_checkpoints")
+        return
+    event, good = events[0], None
+    if run.ctx.is_logger:
+        good = last_good_checkpoint(run.checkpoints, event)
+        set_aside_after(run.checkpoints, event)
+        if run.progress is not None:
+            run.progress.close()
+        run.metrics.close()
+    good = broadcast(good)
+    kept = (f"the last checkpoint from before it is {good}" if good is not None else
+            f"no checkpoint from before step {event.window_start} is left in {run.checkpoints} "
+            f"(checkpoint.save_every={run.config.checkpoint.save_every}, keep_last={run.config.checkpoint.keep_last})")
+    raise CollapseError(f"diagnostics.on_alarm=stop ended stage {run.stage.name!r}: {event.message} "
+                        f"(falling since step {event.window_start}); {kept}; checkpoints from the falling "
+                        f"window moved to {run.checkpoints / 'after_alarm'}")
 
 
 class Prefetch:

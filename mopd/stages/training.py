@@ -165,13 +165,17 @@ def log_step(run: StageRun, result: StepResult, extra: dict[str, float]) -> None
         run.progress.set_postfix(loss=f"{result.loss:.3f}", tok_s=f"{result.tokens_per_s:.0f}")
 
 
-def maybe_checkpoint(run: StageRun, extra: dict | None = None, force: bool = False) -> None:
+def maybe_checkpoint(run: StageRun, extra: dict | None = None, force: bool = False,
+                     directory: Path | None = None) -> None:
+    """Every ``checkpoint.save_every`` steps (or now, with ``force``) into ``run.checkpoints``; a
+    ``directory`` of its own (the alarm's) is never pruned by ``keep_last``."""
     every = run.config.checkpoint.save_every
     if not force and (every <= 0 or run.step % every):
         return
     state = {"teacher_tokens": run.teacher_tokens, "history": run.history, "sampler": run.sampler.state_dict(),
              **(extra or {})}
-    run.student.save(run.checkpoints, run.step, state, run.config.checkpoint.keep_last)
+    keep = run.config.checkpoint.keep_last if directory is None else 1 << 30
+    run.student.save(directory or run.checkpoints, run.step, state, keep)
 
 
 def finish_stage(run: StageRun, engine: Engine | None = None, teachers=None) -> StageOutput:
