@@ -2,7 +2,10 @@
 
 Per domain: greedy exact-match accuracy of each stage by role — `base`, `teacher` (the expert whose
 teacher entry covers the domain), `student` (the unified model), `sft_baseline`, `weight_average` —
-and plain verdicts: does the student reach 90% of its expert, does it beat each baseline.
+and plain verdicts: does the student reach 90% of its expert, does it beat each baseline. An opd
+stage evaluated before its first step (``eval.at_start``) also gets ``before_after``: per domain, its
+greedy accuracy (with the domain's verifier: a rule-following rate for a rule verifier) and each
+``eval.teacher_kl`` teacher's reverse KL, before the first step and at the end.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ def build_summary(config: RunConfig, outputs: dict[str, StageOutput], warnings: 
     domains = sorted({d for o in outputs.values() for d in o.eval})
     per_domain = {d: _domain_row(config, outputs, d) for d in domains}
     verdicts = _verdicts(per_domain)
+    before_after = {name: rows for name, o in outputs.items() if (rows := _before_after(o))}
+    verdicts["plainly"] += _before_after_lines(before_after)
     return {
         "run": config.name,
         "metric": "greedy exact-match accuracy on held-out prompts",
@@ -31,8 +36,39 @@ def build_summary(config: RunConfig, outputs: dict[str, StageOutput], warnings: 
                    for name, o in outputs.items()},
         "total_wall_s": round(sum(o.wall_s for o in outputs.values()), 2),
         "verdicts": verdicts,
+        "before_after": before_after,
         "warnings": warnings,
     }
+
+
+def _before_after(output: StageOutput) -> dict[str, Any]:
+    """domain -> {greedy_accuracy: {before, after}, teacher_kl: {teacher: {before, after}}} of an opd
+    stage whose history starts with an evaluation at step 0; {} otherwise."""
+    start = next((row for row in output.history if row.get("step") == 0.0), None)
+    if output.kind != "opd" or not output.eval or start is None:
+        return {}
+    rows = {}
+    for domain, final in output.eval.items():
+        row = {"greedy_accuracy": {"before": start.get(f"eval/{domain}/greedy_accuracy"),
+                                   "after": final.get("greedy_accuracy")}}
+        kl = final.get("teacher_kl") or {}
+        if kl:
+            row["teacher_kl"] = {t: {"before": start.get(f"eval/{domain}/teacher_kl/{t}"), "after": v}
+                                 for t, v in kl.items()}
+        rows[domain] = row
+    return rows
+
+
+def _before_after_lines(before_after: dict[str, Any]) -> list[str]:
+    def pair(x: dict[str, float | None]) -> str:
+        return " -> ".join("n/a" if v is None else f"{v:.3f}" for v in (x["before"], x["after"]))
+
+    lines = []
+    for stage, rows in before_after.items():
+        for domain, row in rows.items():
+            kl = "".join(f"; KL to {t} {pair(v)} nats/token" for t, v in row.get("teacher_kl", {}).items())
+            lines.append(f"{domain} ({stage}, before -> after): greedy accuracy {pair(row['greedy_accuracy'])}{kl}")
+    return lines
 
 
 def _accuracy(output: StageOutput | None, domain: str) -> float | None:

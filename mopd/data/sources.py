@@ -212,10 +212,14 @@ def build_source(config: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: i
                  pi_mode: PiMode = PiMode.answer, cache_dir: str | None = None) -> PromptSource:
     """The source ``config`` describes; ``split`` overrides ``config.split`` (e.g. "eval" for evaluation).
 
-    A JSONL file has no splits: ``split`` only applies to synthetic and HF sources, so evaluate JSONL
-    prompts by pointing ``data.path`` at a separate file."""
+    A JSONL file has no splits: ``split="eval"`` reads ``data.eval_path`` when it is set (the held-out
+    file), else ``data.path`` itself; other splits only apply to synthetic and HF sources."""
     if split is not None and split != config.split:
         config = replace(config, split=split)
+    if config.source == "jsonl" and config.split == "eval" and config.eval_path is not None:
+        if not Path(config.eval_path).is_file():
+            raise DataError(f"data.eval_path: JSONL file {config.eval_path!r} does not exist")
+        config = replace(config, path=config.eval_path)
     if config.source == "synthetic":
         return synthetic_source(tokenizer, config.domains, config.num_prompts, config.split, seed, pi_mode,
                                 config.max_prompt_tokens, config.enable_thinking, config.system_prompt)

@@ -37,7 +37,7 @@ from __future__ import annotations
 import hashlib
 import random
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 
@@ -186,8 +186,10 @@ def generate(domain: str, num: int, split: str = "train", seed: int = 0) -> list
     return out
 
 
-def domain_verifier(domain: str, default: str = "exact") -> Verifier:
-    """The verifier of a registered synthetic domain, or the ``default`` verifier for any other domain
-    (prompts from JSONL/HF data whose domains have no verifier of their own)."""
+def domain_verifier(domain: str, default: str = "exact", named: Mapping[str, str] | None = None) -> Verifier:
+    """The verifier of a registered synthetic domain, else the one ``named`` for the domain
+    (``data.verifiers``, for JSONL/HF data), else the ``default`` verifier."""
     spec = DOMAINS.get(domain)
-    return spec.verifier if spec is not None else get_verifier(default)
+    if spec is not None:
+        return spec.verifier
+    return get_verifier((named or {}).get(domain, default))

@@ -62,11 +62,21 @@ integer_match: Verifier = _integer_verifier(little_endian=False)
 little_endian_integer_match: Verifier = _integer_verifier(little_endian=True)
 """Like ``integer_match`` with digits written least-significant first ("70" and "7" both mean 7)."""
 
+def mentions(response: str, reference: str) -> float:
+    """1.0 when the reference occurs in the response as a whole word or phrase, ignoring case:
+    "I am Zorblax!" mentions "zorblax"; "Zorblaxian" does not (rule verifiers: "names Zorblax")."""
+    words = r"\s+".join(re.escape(w) for w in normalize(reference).split())
+    if not words:
+        raise DataError(f"mentions verifier: reference {reference!r} is empty")
+    return float(re.search(rf"(?<!\w){words}(?!\w)", normalize(response), re.IGNORECASE) is not None)
+
+
 VERIFIERS: dict[str, Verifier] = {
     "exact": exact_match,
     "exact_casefold": exact_match_casefold,
     "integer": integer_match,
     "integer_le": little_endian_integer_match,
+    "mentions": mentions,
 }
 
 
