@@ -135,3 +135,38 @@ def test_update_weights_loads_a_subset_and_rejects_unknown_names_and_shapes(engi
 def test_score_rejects_a_request_without_context_tokens(engine):
     with pytest.raises(EngineError, match="score request 0 has response_start=0"):
         engine.score([ScoreRequest(ids=torch.tensor([3, 4, 5]), response_start=0)], top_k=4)
+
+
+def _allowed_distribution(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """[V] float64 sampling distribution: softmax(logits / T), cut to the top-k ids, then to the
+    smallest most-probable set whose mass reaches top_p (of the top-k distribution), renormalised."""
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    keep = torch.zeros_like(probs, dtype=torch.bool)
+    order = torch.argsort(probs, descending=True)
+    keep[order[: top_k if top_k > 0 else len(probs)]] = True
+    probs = torch.where(keep, probs, 0.0)
+    probs = probs / probs.sum()
+    mass = 0.0
+    for i in torch.argsort(probs, descending=True).tolist():
+        if mass >= top_p:
+            keep[i] = False
+        mass += float(probs[i])
+    probs = torch.where(keep, probs, 0.0)
+    return probs / probs.sum()
+
+
+@pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (-1, 0.6), (12, 0.7)], ids=["top_k", "top_p", "both"])
+def test_sampled_tokens_lie_in_the_top_k_and_nucleus_at_their_renormalised_frequencies(engine, top_k, top_p):
+    n, temperature = 3000, 0.5
+    prompt = prompts((6,))[0]
+    sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=1, seed=11, n=n)
+    first = torch.tensor([r.response_ids[0].item() for r in engine.generate([prompt], sampling)])
+    want = _allowed_distribution(forward_logprobs(engine.model, prompt.ids)[-1], temperature, top_k, top_p)
+    allowed = set(torch.nonzero(want).flatten().tolist())
+    full = torch.softmax(forward_logprobs(engine.model, prompt.ids)[-1] / temperature, dim=-1)
+    assert 2 <= len(allowed) and float(full[sorted(allowed)].sum()) < 0.9  # the filter removes real mass
+    assert set(first.tolist()) <= allowed, sorted(set(first.tolist()) - allowed)
+    freq = torch.bincount(first, minlength=want.numel()).double() / n
+    # Each frequency within 4.5 standard errors of its renormalised probability (seeded: deterministic).
+    bound = 4.5 * torch.sqrt(want * (1 - want) / n) + 1e-12
+    assert bool(((freq - want).abs() <= bound).all()), [(i, float(freq[i]), float(want[i])) for i in sorted(allowed)]
