@@ -7,10 +7,15 @@ in rank order. A worker's exception comes back as ``WorkerError`` carrying its t
 that dies or hangs past ``timeout`` seconds stops the whole group. ``fn`` must be a module-level
 function (spawned children import it by name) and its return value picklable (CPU tensors are fine).
 Importing torch + megatron costs ~7.5 s per process, so put several cases into one ``fn``.
+
+The ranks are CPU ranks even on a GPU node: each child starts with ``CUDA_VISIBLE_DEVICES=""`` and
+``MOPD_FORCE_CPU=1`` in its environment (before its interpreter, and so torch, starts), so
+``init_parallel`` takes the gloo/cpu_compat path there exactly as on a CPU machine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import queue
@@ -18,7 +23,7 @@ import signal
 import socket
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch.multiprocessing as mp
@@ -70,6 +75,24 @@ def _teardown() -> None:
         dist.destroy_process_group()
 
 
+CPU_ONLY_ENV = {"CUDA_VISIBLE_DEVICES": "", "MOPD_FORCE_CPU": "1"}
+
+
+@contextlib.contextmanager
+def _cpu_only_children() -> Iterator[None]:
+    """Processes started inside inherit CPU_ONLY_ENV; this process's environment is restored after."""
+    saved = {key: os.environ.get(key) for key in CPU_ONLY_ENV}
+    os.environ.update(CPU_ONLY_ENV)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 300.0) -> list[Any]:
     """``[fn(0, world_size, *args), ..., fn(world_size - 1, world_size, *args)]``, one process each."""
     # Not daemonic: dist_checkpointing's writer starts a multiprocessing manager in each rank.
@@ -78,8 +101,9 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: f
     port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results))
              for r in range(world_size)]
-    for p in procs:
-        p.start()
+    with _cpu_only_children():
+        for p in procs:
+            p.start()
     outputs: dict[int, Any] = {}
     deadline = time.monotonic() + timeout
     try:

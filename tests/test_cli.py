@@ -42,3 +42,48 @@ def test_the_console_entry_point_runs_as_a_module():
     proc = subprocess.run([sys.executable, "-m", "mopd.cli", "plan", str(RECIPE), "--world-size", "8"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "does not divide the world size 8" in proc.stderr
+
+
+def test_plan_counts_activations_per_stage_and_the_recipe_fits_an_h100_with_selective_recompute(capsys):
+    """Stage 0 of the 70B recipe (TP=8 SP, PP=4, s=16384, b=1, bf16), computed by hand."""
+    assert main(["plan", str(RECIPE), "--world-size", "64"]) == 0
+    out = capsys.readouterr().out
+    gib, tokens, layers, in_flight = 2**30, 16384, 20, 4
+    # bytes per token per layer / TP: attention 2*2h + 2*(a+2g)d + 2*a*d + 4a; MLP 2*2h + 3*2f
+    no_recompute = (2 * 2 * 8192 + 2 * 80 * 128 + 2 * 64 * 128 + 4 * 64 + 2 * 2 * 8192 + 3 * 2 * 28672) / 8
+    selective = (2 * 2 * 8192 + 2 * 80 * 128 + 2 * 64 * 128 + 4 * 64 + 2 * 8192) / 8  # the MLP keeps its input
+    assert (no_recompute, selective) == (34336, 10784)
+    linear = 8192 * 128 * 80 + 64 * 128 * 8192 + 3 * 8192 * 28672
+    stage0_params = (layers * (linear + 2 * 8192) + 128256 * 8192) / 8
+    model_state = stage0_params * (2 + 4 + 12 / 2) / gib  # bf16 weight, fp32 grad, Adam sharded over DP=2
+    fp8_weights = 2 * layers * linear / 8 / gib
+    act = selective * tokens * layers * in_flight / gib
+    total = act + model_state + fp8_weights + 6.0
+    assert (round(act, 2), round(model_state, 2), round(fp8_weights, 2), round(total, 2)) == (13.16, 25.37, 3.98, 48.52)
+    assert (f"stage 0: activations {act:.2f} GiB (20 layers x 4 in flight) + model state {model_state:.2f} GiB "
+            f"+ fp8 weights {fp8_weights:.2f} GiB = {total:.2f} GiB") in out
+    assert "stage 3: activations" in out and "(20 layers x 1 in flight)" in out
+    assert f"peak {total:.2f} of 79.6 GiB (H100 80 GB): fits (margin {81559 / 1024 - total:.1f} GiB)" in out
+    peak_none = no_recompute * tokens * layers * in_flight / gib + model_state + fp8_weights + 6.0
+    assert f"none {peak_none:.2f} GiB, tight (margin {81559 / 1024 - peak_none:.1f} GiB)" in out
+
+
+def test_plan_says_when_a_layout_does_not_fit(capsys):
+    assert main(["plan", str(RECIPE), "--world-size", "64", "student.train.recompute=none",
+                 "student.train.max_seq_len=32768"]) == 0
+    assert "does NOT fit (short by" in capsys.readouterr().out
+
+
+def test_activation_bytes_without_sequence_parallel_and_under_full_recompute_match_the_formulas():
+    from mopd.config import ModelConfig, ParallelConfig, StudentConfig
+    from mopd.config.model import Recompute
+    from mopd.plan import layer_activation_bytes_per_token
+
+    student = StudentConfig(model=ModelConfig(hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                                              ffn_hidden_size=256),
+                            parallel=ParallelConfig(tensor_parallel=2))  # fp32: 4 bytes, head_dim 16
+    # the four [s, b, h] tensors are replicated without SP; q,k,v = (4 + 2*2) * 16, out = 4 * 16
+    want = 4 * 64 * 4 + (4 * 128 + 4 * 64 + 4 * 4) / 2 + 3 * 4 * 256 / 2
+    assert layer_activation_bytes_per_token(student, Recompute.none) == want
+    assert layer_activation_bytes_per_token(student, Recompute.full) == 4 * 64
+    assert layer_activation_bytes_per_token(student, Recompute.selective, ("mlp",)) == want - 2 * 4 * 64 - 3 * 4 * 256 / 2 + 4 * 64

@@ -124,7 +124,18 @@ def _reference_worker(rank: int, world: int, weights: str) -> dict:
     tied = student_config(tied=True)
     save_model_weights(weights + "_tied", build_model(tied, layout))
     return {"history": history, "float64_loss": float64_reference_loss(fresh[0], global_batch(0)),
-            "tied": _train(tied, layout, weights + "_tied")[3], **_mixed_precision_runs(weights)}
+            "tied": _train(tied, layout, weights + "_tied")[3], "recompute": _recompute_runs(cfg, layout, weights),
+            **_mixed_precision_runs(weights)}
+
+
+def _recompute_runs(cfg: StudentConfig, layout, weights: str) -> dict:
+    """The same 3 steps with Megatron's selective (MLP) and full activation recomputation."""
+    from dataclasses import replace
+
+    from mopd.config.model import Recompute
+
+    return {r.value: _train(replace(cfg, train=replace(cfg.train, recompute=r)), layout, weights)[3]
+            for r in (Recompute.selective, Recompute.full)}
 
 
 def _mixed_precision_runs(weights: str) -> dict:
@@ -199,14 +210,37 @@ def _broadcast_check(layout) -> bool:
                                          for g, w in zip(got, want))
 
 
+def _timeout_minutes(group) -> float:
+    return group._get_backend(torch.device("cpu")).options._timeout.total_seconds() / 60
+
+
+def _placement(layout) -> dict:
+    """Where this rank runs and the groups' timeouts (the layout's control group is gloo)."""
+    import os
+
+    import torch.distributed as dist
+
+    return {"env": {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "MOPD_FORCE_CPU")},
+            "cuda_visible": torch.cuda.is_available(), "device": layout.device.type,
+            "control_ranks": dist.get_process_group_ranks(layout.control_group),
+            "control_backend": dist.get_backend(layout.control_group),
+            "timeouts": [_timeout_minutes(g) for g in (layout.control_group, layout.tp_group, layout.dp_group)]}
+
+
 def _layouts_worker(rank: int, world: int, weights: str) -> dict:
+    from dataclasses import replace
+
     from mopd.parallel import destroy_parallel, init_parallel
 
     out = {}
     for tp, pp in LAYOUTS:
         cfg = student_config(tp, pp)
+        if (tp, pp) == (2, 2):
+            cfg = replace(cfg, parallel=replace(cfg.parallel, distributed_timeout_minutes=37.0))
         layout = init_parallel(cfg.parallel, seed=7)
         out[("groups", tp, pp)] = _groups(layout)
+        if (tp, pp) == (2, 2):
+            out["placement"] = _placement(layout)
         chunks, optimizer, scheduler, history = _train(cfg, layout, weights)
         out[(tp, pp)] = history
         if (tp, pp) == (2, 2):
@@ -241,6 +275,13 @@ def test_first_loss_equals_the_float64_masked_cross_entropy_of_the_whole_batch(r
     tokens = sum(float(r.loss_mask.sum()) for r in global_batch(0))
     assert reference["history"][0][2] == tokens
     assert reference["history"][0][3] == tokens
+
+
+def test_selective_and_full_recompute_repeat_the_losses_and_grad_norms_of_keeping_activations(runs):
+    reference, _ = runs
+    for mode, history in reference["recompute"].items():
+        for step, (got, want) in enumerate(zip(history, reference["history"])):
+            assert _rel(got[0], want[0]) < REL_TOL and _rel(got[1], want[1]) < REL_TOL, (mode, step, got, want)
 
 
 def test_bf16_follows_the_fp32_losses_and_fp16_skips_overflowing_steps_halving_its_scale(runs):
@@ -327,6 +368,16 @@ def test_megatron_process_groups_agree_with_the_pure_layout_plan(runs, tp, pp):
         assert g["dp"] == [r for r in range(4) if coords[r][:2] == (t, p)]
 
 
+def test_gloo_ranks_run_on_the_cpu_with_cuda_hidden_and_groups_take_the_configured_timeout(runs):
+    _, layouts = runs
+    for rank, out in enumerate(layouts):
+        placed = out["placement"]
+        assert placed["env"] == {"CUDA_VISIBLE_DEVICES": "", "MOPD_FORCE_CPU": "1"}, rank
+        assert not placed["cuda_visible"] and placed["device"] == "cpu", rank
+        assert placed["control_ranks"] == [0, 1, 2, 3] and placed["control_backend"] == "gloo"
+        assert placed["timeouts"] == [37.0, 37.0, 37.0], placed["timeouts"]
+
+
 def _cpu_layout(tp: int = 1, pp: int = 1):
     from mopd.parallel import ParallelLayout
 
@@ -390,3 +441,33 @@ def test_sequence_parallel_without_transformer_engine_names_the_config_key():
     cfg = replace(student_config(2, 1), parallel=ParallelConfig(tensor_parallel=2, sequence_parallel=True))
     with pytest.raises(ConfigError, match=r"student\.parallel\.sequence_parallel"):
         transformer_config(cfg, _cpu_layout(2, 1))
+
+
+def test_a_cuda_machine_without_te_or_apex_gets_no_fused_softmax_and_no_fast_path_kernels():
+    from mopd.student import transformer_config
+    from mopd.student.hardware import Capabilities
+
+    bare_cuda = Capabilities(cuda=True, transformer_engine=False, apex_softmax=False, apex_grad_accum=False,
+                             compute_capability=(9, 0))
+    tc = transformer_config(student_config(), _cpu_layout(), caps=bare_cuda)
+    assert (tc.masked_softmax_fusion, tc.bias_activation_fusion, tc.bias_dropout_fusion) == (False, True, True)
+    assert (tc.apply_rope_fusion, tc.gradient_accumulation_fusion) == (False, False)
+    cpu = transformer_config(student_config(), _cpu_layout())
+    assert not (cpu.masked_softmax_fusion or cpu.bias_activation_fusion or cpu.apply_rope_fusion
+                or cpu.gradient_accumulation_fusion)
+
+
+@pytest.mark.parametrize("recompute,want", [
+    ("none", (None, None, None)), ("selective", ("selective", None, None)), ("full", ("full", "uniform", 1))])
+def test_the_recompute_setting_reaches_megatron(recompute, want):
+    from dataclasses import replace
+
+    from mopd.config.model import Recompute
+    from mopd.student import transformer_config
+
+    cfg = student_config()
+    cfg = replace(cfg, train=replace(cfg.train, recompute=Recompute(recompute)))
+    tc = transformer_config(cfg, _cpu_layout())
+    assert (tc.recompute_granularity, tc.recompute_method, tc.recompute_num_layers) == want
+    if recompute == "selective":
+        assert tc.recompute_modules == ["mlp"]

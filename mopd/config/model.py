@@ -75,6 +75,22 @@ class Backend(str, Enum):
     nccl = "nccl"
 
 
+class Recompute(str, Enum):
+    """Activation recomputation (Megatron's ``recompute_granularity``); memory figures in mopd.plan."""
+
+    none = "none"
+    """Keep every activation the backward pass needs."""
+    selective = "selective"
+    """Checkpoint the submodules in ``train.recompute_modules`` of every layer (Megatron "selective")."""
+    full = "full"
+    """Checkpoint whole layers (Megatron "full", method "uniform", one layer per unit): only each
+    layer's input is kept and the layer's forward runs again in backward (~1/3 more compute)."""
+
+
+RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")
+"""Megatron-Core 0.19's selective-recompute submodules that apply to a dense Llama/Qwen decoder."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """A Llama/Qwen-style decoder (RMSNorm, SwiGLU, RoPE, GQA) as Megatron-Core builds it."""
@@ -175,9 +191,13 @@ class ParallelConfig:
     """Megatron sequence parallelism (only with tensor_parallel > 1)."""
     backend: Backend = Backend.auto
     """torch.distributed backend: auto picks nccl with CUDA, gloo without."""
+    distributed_timeout_minutes: float = 120.0
+    """Timeout of every process group mopd creates (Megatron-LM's ``--distributed-timeout-minutes``).
+    Ranks wait in a collective while rank 0 generates, scores or evaluates; one 70B opd step with
+    12k-token rollouts takes minutes, so torch's 10-minute default would abort healthy jobs."""
 
     def problems(self) -> list[Problem]:
-        out = positive(self, "tensor_parallel", "pipeline_parallel")
+        out = positive(self, "tensor_parallel", "pipeline_parallel", "distributed_timeout_minutes")
         if self.sequence_parallel and self.tensor_parallel == 1:
             out.append(Problem("sequence_parallel", True, "needs tensor_parallel > 1"))
         return out
@@ -196,10 +216,16 @@ class PrecisionConfig:
     fp8_amax_history_len: int = 1024
     """Delayed scaling: amax history length."""
     fp8_param_gather: bool = False
-    """Keep FP8 copies of parameters and all-gather them in FP8 (distributed optimizer)."""
+    """Keep FP8 copies of parameters and all-gather them in FP8 (Megatron's fp8_param). Refused:
+    the parameters would be TE Float8Tensors, which the HF export, weight sync and teacher copies
+    read as plain tensors."""
 
     def problems(self) -> list[Problem]:
         out = positive(self, "fp8_amax_history_len")
+        if self.fp8_param_gather:
+            out.append(Problem("fp8_param_gather", True,
+                               "not supported: FP8 parameters (TE Float8Tensor) would reach the HF export and weight "
+                               "sync undequantised; keep bf16 parameters (FP8 compute still applies)"))
         if self.fp8 != Fp8Recipe.none and self.dtype == Dtype.fp32:
             out.append(Problem("fp8", self.fp8.value, "FP8 runs under bf16 or fp16; set precision.dtype=bf16"))
         return out
@@ -254,9 +280,65 @@ class TrainConfig:
     A prompt that alone reaches max_seq_len is always refused."""
     loss_chunk_tokens: int = 1024
     """Objectives process this many tokens at a time (bounds the extra memory beyond the logits)."""
+    recompute: Recompute = Recompute.none
+    """Activation recomputation: none, selective (the modules below) or full (whole layers)."""
+    recompute_modules: list[str] = field(default_factory=lambda: ["mlp"])
+    """Submodules checkpointed under recompute=selective (Megatron's ``recompute_modules``).
+    "mlp" by default: with flash attention the attention scores that Korthikanti et al.'s
+    "core_attn" recompute drops are never stored, while the SwiGLU MLP holds most of a layer's
+    activations."""
 
     def problems(self) -> list[Problem]:
-        return positive(self, "steps", "global_batch_size", "micro_batch_size", "max_seq_len", "loss_chunk_tokens")
+        out = positive(self, "steps", "global_batch_size", "micro_batch_size", "max_seq_len", "loss_chunk_tokens")
+        unknown = sorted(set(self.recompute_modules) - set(RECOMPUTE_MODULES))
+        if unknown:
+            out.append(Problem("recompute_modules", self.recompute_modules,
+                               f"unknown {unknown}; choose from {list(RECOMPUTE_MODULES)}"))
+        if self.recompute == Recompute.selective and not self.recompute_modules:
+            out.append(Problem("recompute_modules", [], "recompute=selective needs at least one module"))
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class FastPathConfig:
+    """Megatron-Core's fused kernels and communication overlap. null means "auto": on where this
+    machine has what the path needs (CUDA, Transformer Engine, Apex kernels, the layout), as in
+    Megatron-LM's recommended H100 settings, and off elsewhere (the CPU). true asks for the path and
+    stops the run, naming the key, where it cannot run; false turns it off. Resolved when the model
+    is built (mopd.student.hardware.resolve_fast_paths)."""
+
+    gradient_accumulation_fusion: bool | None = None
+    """Accumulate weight gradients straight into the fp32 main_grad buffer inside the wgrad GEMM
+    (Megatron-LM's default). Needs CUDA and Apex's fused_weight_gradient_mlp_cuda kernel, which
+    Megatron's own output layer calls even when Transformer Engine runs the other linears."""
+    overlap_grad_reduce: bool | None = None
+    """Reduce (or reduce-scatter) gradient buckets during backward instead of after it
+    (Megatron-LM's --overlap-grad-reduce). Auto: on with CUDA and more than one data-parallel rank."""
+    overlap_param_gather: bool = False
+    """Defer the distributed optimizer's parameter all-gather into the next forward
+    (--overlap-param-gather). Off, unlike Megatron-LM's H100 setting: an opd step streams the
+    weights to the rollout engine right after the optimizer step, before any next forward, and would
+    read other ranks' stale shards. mopd refuses true."""
+    rope_fusion: bool | None = None
+    """Transformer Engine's fused RoPE kernel (Megatron-LM's default; --no-rope-fusion turns it off).
+    Needs CUDA and Transformer Engine."""
+    tp_comm_overlap: bool = False
+    """Overlap tensor-parallel all-gather/reduce-scatter with the GEMMs through TE userbuffers
+    (--tp-comm-overlap, off by default in Megatron-LM too). TE allocates those buffers for one fixed
+    [seq * micro_batch, hidden] shape, while mopd pads each step only to its longest sequence;
+    mopd refuses true."""
+
+    def problems(self) -> list[Problem]:
+        out = []
+        if self.overlap_param_gather:
+            out.append(Problem("overlap_param_gather", True,
+                               "not supported: weight sync and checkpoints read the parameters between the optimizer "
+                               "step and the next forward, where the deferred all-gather leaves them stale"))
+        if self.tp_comm_overlap:
+            out.append(Problem("tp_comm_overlap", True,
+                               "not supported: TE userbuffers need one fixed micro-batch shape; mopd's steps are "
+                               "padded to their longest sequence"))
+        return out
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -268,6 +350,7 @@ class StudentConfig:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    fast_paths: FastPathConfig = field(default_factory=FastPathConfig)
 
     def problems(self) -> list[Problem]:
         out: list[Problem] = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import random
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,6 +78,10 @@ class ParallelLayout:
     """Tensor x pipeline group of this data-parallel replica."""
     pgs: object
     """Megatron's ``ProcessGroupCollection`` of the same groups (for APIs that take one)."""
+    control_group: dist.ProcessGroup | None = None
+    """A gloo group of every rank, for control data and for waiting on rank 0 (generation,
+    scoring, evaluation): a wait there holds no NCCL communicator and is bounded only by
+    ``student.parallel.distributed_timeout_minutes``. None for layouts built by hand."""
 
     @property
     def plan(self) -> LayoutPlan:
@@ -91,41 +96,78 @@ def _backend(cfg: ParallelConfig, use_cuda: bool) -> str:
     return cfg.backend.value
 
 
-def _init_process_group(backend: str) -> None:
+FORCE_CPU_ENV = "MOPD_FORCE_CPU"
+"""Set to 1 to run the student on the CPU over gloo even where CUDA devices are visible (the CPU
+test tiers on a GPU node). Hides the devices (CUDA_VISIBLE_DEVICES="") before CUDA starts."""
+
+
+def local_device_index(env: Mapping[str, str]) -> int:
+    """This process's GPU on its node: torchrun's LOCAL_RANK, else Slurm's SLURM_LOCALID (plain
+    ``srun`` launching one task per GPU), else 0."""
+    for key in ("LOCAL_RANK", "SLURM_LOCALID"):
+        value = env.get(key, "")
+        if value.strip():
+            try:
+                return int(value)
+            except ValueError:
+                raise ConfigError(f"environment {key}={value!r}: must be an integer GPU index") from None
+    return 0
+
+
+def use_cuda(env: dict[str, str] | os._Environ, cuda_available: Callable[[], bool]) -> bool:
+    """Whether the student runs on CUDA. With MOPD_FORCE_CPU=1 the devices are hidden first (which
+    works while CUDA is not yet initialised in this process) and a process that still sees one is
+    refused, never half-forced: Megatron would mix CUDA and CPU tensors."""
+    if env.get(FORCE_CPU_ENV, "0").strip() not in ("", "0"):
+        env["CUDA_VISIBLE_DEVICES"] = ""
+        if cuda_available():
+            raise ConfigError(
+                f"{FORCE_CPU_ENV}=1 but CUDA was initialised in this process before mopd could hide the devices; "
+                "set CUDA_VISIBLE_DEVICES= in the environment before Python starts"
+            )
+        return False
+    return cuda_available()
+
+
+def _init_process_group(backend: str, timeout: datetime.timedelta) -> None:
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise ConfigError(
             f"torch.distributed is not initialised and the environment lacks {missing}; "
             "launch with torchrun (or set RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)"
         )
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=10))
+    dist.init_process_group(backend=backend, timeout=timeout)
 
 
 def init_parallel(cfg: ParallelConfig, *, seed: int) -> ParallelLayout:
     """Initialise torch.distributed (if needed), Megatron's model parallel state and the RNGs.
 
-    Activates ``cpu_compat`` when no CUDA device is available. Seeds follow Megatron-LM: the
-    default generators get ``seed + 100 * pp_rank``; the TP-rank-specific tracker states derive from it.
+    Activates ``cpu_compat`` when no CUDA device is used (none visible, or MOPD_FORCE_CPU=1). Every
+    process group gets ``cfg.distributed_timeout_minutes``. Seeds follow Megatron-LM: the default
+    generators get ``seed + 100 * pp_rank``; the TP-rank-specific tracker states derive from it.
     """
     from megatron.core import parallel_state
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    use_cuda = torch.cuda.is_available()
-    backend = _backend(cfg, use_cuda)
-    if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    cuda = use_cuda(os.environ, torch.cuda.is_available)
+    backend = _backend(cfg, cuda)
+    if cuda:
+        torch.cuda.set_device(local_device_index(os.environ))
     else:
         cpu_compat.activate()
+    timeout = datetime.timedelta(minutes=cfg.distributed_timeout_minutes)
     if not dist.is_initialized():
-        _init_process_group(backend)
+        _init_process_group(backend, timeout)
     world, rank = dist.get_world_size(), dist.get_rank()
     plan = plan_layout(cfg, world)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=cfg.tensor_parallel, pipeline_model_parallel_size=cfg.pipeline_parallel
+        tensor_model_parallel_size=cfg.tensor_parallel, pipeline_model_parallel_size=cfg.pipeline_parallel,
+        distributed_timeout_minutes=max(1, round(cfg.distributed_timeout_minutes)),
     )
+    control = dist.new_group(backend="gloo", timeout=timeout) if world > 1 else None
     tp_rank, pp_rank, dp_rank = plan.coordinates(rank)
     stage_seed = seed + 100 * pp_rank
     random.seed(stage_seed)
@@ -137,12 +179,13 @@ def init_parallel(cfg: ParallelConfig, *, seed: int) -> ParallelLayout:
         tp_rank=tp_rank, pp_rank=pp_rank, dp_rank=dp_rank,
         is_first_stage=pp_rank == 0, is_last_stage=pp_rank == plan.pp - 1,
         ranks_per_stage=plan.ranks_per_stage,
-        device=torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu"),
+        device=torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu"),
         tp_group=parallel_state.get_tensor_model_parallel_group(),
         pp_group=parallel_state.get_pipeline_model_parallel_group(),
         dp_group=parallel_state.get_data_parallel_group(),
         mp_group=parallel_state.get_model_parallel_group(),
         pgs=ProcessGroupCollection.use_mpu_process_groups(),
+        control_group=control,
     )
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import random
 import shutil
 from pathlib import Path
@@ -28,6 +29,7 @@ import torch.distributed as dist
 
 from mopd.errors import CheckpointError
 
+_log = logging.getLogger(__name__)
 MARKER = "mopd_checkpoint.json"
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 
@@ -57,30 +59,60 @@ def _layout() -> dict[str, int]:
             "dp": ps.get_data_parallel_world_size()}
 
 
+def _rng_device_type() -> str:
+    """Where the student's device RNGs live: "cpu" while cpu_compat stands in for CUDA."""
+    from mopd.parallel import cpu_compat
+
+    return "cpu" if cpu_compat.is_active() or not torch.cuda.is_available() else "cuda"
+
+
+def _rng_state() -> dict:
+    """This rank's RNG states: python, numpy, torch's CPU generator, and the device-side ones (the
+    CUDA generator and Megatron's tracker) tagged with the device type they belong to."""
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    device_type = _rng_device_type()
+    state = {"random": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "tracker": get_cuda_rng_tracker().get_states(), "device_type": device_type}
+    if device_type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
 def _rng_object():
-    """This rank's RNG states (python, numpy, torch, Megatron's tracker) as a ShardedObject."""
+    """This rank's ``_rng_state`` as a ShardedObject keyed by (pp, tp)."""
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.mapping import ShardedObject
-    from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-    state = {"random": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-             "tracker": get_cuda_rng_tracker().get_states()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
     pp, tp = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
     shape = (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size())
-    return ShardedObject("rng_state", state, shape, (pp, tp), replica_id=ps.get_data_parallel_rank())
+    return ShardedObject("rng_state", _rng_state(), shape, (pp, tp), replica_id=ps.get_data_parallel_rank())
 
 
-def _restore_rng(state: dict) -> None:
+def _restore_rng(state: dict, device_type: str | None = None) -> bool:
+    """Restore ``state``; returns whether the device-side states were restored too.
+
+    The host generators (python, numpy, torch CPU) mean the same on any machine. The tracker's
+    states are CUDA Philox states (16 bytes) on a GPU and CPU mt19937 states (5056 bytes) under
+    cpu_compat; one kind fed to the other's ``set_rng_state`` fails or is meaningless. So a
+    checkpoint saved on the other device type keeps this run's freshly seeded device RNGs, and
+    says so. (Checkpoints from before the tag: "cuda" in the state means saved on a GPU.)
+    """
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
+    device_type = device_type or _rng_device_type()
+    saved_on = state.get("device_type", "cuda" if "cuda" in state else "cpu")
     random.setstate(state["random"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    if saved_on != device_type:
+        _log.warning("checkpoint RNG states were saved on %s and this run is on %s: the host RNGs are restored, "
+                     "the device RNGs (dropout/init streams) keep this run's seeding", saved_on, device_type)
+        return False
+    if device_type == "cuda":
         torch.cuda.set_rng_state(state["cuda"])
     get_cuda_rng_tracker().set_states(state["tracker"])
+    return True
 
 
 def _atomic_save(state: dict, path: Path, marker: dict) -> None:

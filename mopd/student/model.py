@@ -10,31 +10,30 @@ import torch
 import torch.nn.functional as F
 
 from mopd.config import Dtype, Fp8Recipe, StudentConfig
-from mopd.config.model import ModelConfig, RopeScaling, padded_vocab_size
+from mopd.config.model import ModelConfig, Recompute, RopeScaling, padded_vocab_size
 from mopd.errors import ConfigError
 from mopd.parallel import ParallelLayout
+from mopd.student.hardware import (
+    Capabilities,
+    fp8_problems,
+    fp8_shape_problems,
+    have_transformer_engine,
+    kernel_fusions,
+    probe_capabilities,
+    resolve_fast_paths,
+)
 
 _TORCH_DTYPE = {Dtype.fp32: torch.float32, Dtype.bf16: torch.bfloat16, Dtype.fp16: torch.float16}
 
 
-def have_transformer_engine() -> bool:
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except (ImportError, OSError, RuntimeError):
-        return False
-    return True
-
-
-def _fp8_fields(cfg: StudentConfig) -> dict:
+def _fp8_fields(cfg: StudentConfig, caps: Capabilities) -> dict:
     p = cfg.precision
     if p.fp8 == Fp8Recipe.none:
         return {}
-    if not have_transformer_engine():
-        raise ConfigError(
-            f"student.precision.fp8={p.fp8.value} needs Transformer Engine, which cannot be imported here; "
-            "install transformer-engine[pytorch] on a Hopper+ GPU node or set student.precision.fp8=none"
-        )
-    fields = dict(fp8=p.fp8_format.value, fp8_recipe=p.fp8.value, fp8_param=p.fp8_param_gather)
+    problems = fp8_problems(p, caps) + fp8_shape_problems(cfg.model, cfg.parallel.tensor_parallel, p.fp8)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    fields = dict(fp8=p.fp8_format.value, fp8_recipe=p.fp8.value)
     if p.fp8 == Fp8Recipe.delayed:
         # TE's DelayedScaling default pairs a long amax history with its max.
         fields.update(fp8_amax_history_len=p.fp8_amax_history_len, fp8_amax_compute_algo="max")
@@ -64,17 +63,32 @@ def architecture_fields(m: ModelConfig) -> dict:
     )
 
 
-def transformer_config(cfg: StudentConfig, layout: ParallelLayout):
-    """Megatron ``TransformerConfig`` for the student at this layout (Llama/Qwen fields)."""
+def _recompute_fields(cfg: StudentConfig) -> dict:
+    t = cfg.train
+    if t.recompute == Recompute.selective:
+        return dict(recompute_granularity="selective", recompute_modules=list(t.recompute_modules))
+    if t.recompute == Recompute.full:
+        return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    return {}
+
+
+def transformer_config(cfg: StudentConfig, layout: ParallelLayout, caps: Capabilities | None = None):
+    """Megatron ``TransformerConfig`` for the student at this layout (Llama/Qwen fields).
+
+    ``caps`` defaults to what this process has for ``layout.device``; the kernel fusions and fast
+    paths follow from it (mopd.student.hardware), and FP8 is checked against it.
+    """
     from megatron.core.transformer import TransformerConfig
 
+    caps = probe_capabilities(layout.device) if caps is None else caps
     m, dtype = cfg.model, _TORCH_DTYPE[cfg.precision.dtype]
     on_cpu = layout.device.type == "cpu"
-    if cfg.parallel.sequence_parallel and not _uses_te_spec(layout):
+    if cfg.parallel.sequence_parallel and not (caps.cuda and caps.transformer_engine):
         raise ConfigError(
             "student.parallel.sequence_parallel=true needs the Transformer Engine layer spec (CUDA + TE); "
             "the local spec's torch RMSNorm does not support it. Set student.parallel.sequence_parallel=false"
         )
+    fast = resolve_fast_paths(cfg.fast_paths, caps, data_parallel=layout.dp)
     return TransformerConfig(
         **architecture_fields(m),
         tensor_model_parallel_size=layout.tp,
@@ -86,14 +100,12 @@ def transformer_config(cfg: StudentConfig, layout: ParallelLayout):
         fp16=dtype == torch.float16,
         # Full weights drawn on the CPU then sliced: the same seed gives the same model at any TP.
         use_cpu_initialization=on_cpu,
-        # Fused kernels (Apex/TE/CUDA) do not exist on the CPU.
-        bias_activation_fusion=not on_cpu,
-        masked_softmax_fusion=not on_cpu,
-        bias_dropout_fusion=not on_cpu,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
+        **kernel_fusions(caps),
+        apply_rope_fusion=fast.rope_fusion,
+        gradient_accumulation_fusion=fast.gradient_accumulation_fusion,
         deallocate_pipeline_outputs=True,
-        **_fp8_fields(cfg),
+        **_recompute_fields(cfg),
+        **_fp8_fields(cfg, caps),
     )
 
 
@@ -138,7 +150,7 @@ def build_model(cfg: StudentConfig, layout: ParallelLayout, *, wrap_ddp: bool = 
     if tc.bf16 or tc.fp16:
         model = Float16Module(tc, model)
     if wrap_ddp:
-        model = _wrap_ddp(cfg, tc, model)
+        model = _wrap_ddp(cfg, layout, tc, model)
     return [model]
 
 
@@ -156,13 +168,14 @@ def gpt_rope_kwargs(model: ModelConfig) -> dict:
                 rope_scaling=model.rope_scaling == RopeScaling.llama3, rope_scaling_factor=model.rope_scaling_factor)
 
 
-def _wrap_ddp(cfg: StudentConfig, tc, model: torch.nn.Module) -> torch.nn.Module:
+def _wrap_ddp(cfg: StudentConfig, layout: ParallelLayout, tc, model: torch.nn.Module) -> torch.nn.Module:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
+    fast = resolve_fast_paths(cfg.fast_paths, probe_capabilities(layout.device), data_parallel=layout.dp)
     ddp_config = DistributedDataParallelConfig(
         # Reduce low-precision gradients in fp32 (Megatron-LM's accumulate_allreduce_grads_in_fp32).
         grad_reduce_in_fp32=cfg.precision.dtype != Dtype.fp32,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=fast.overlap_grad_reduce,
         use_distributed_optimizer=cfg.optimizer.use_distributed_optimizer,
     )
     ddp = DistributedDataParallel(config=tc, ddp_config=ddp_config, module=model)

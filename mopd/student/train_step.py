@@ -88,12 +88,30 @@ def broadcast_micro_batches(micro_batches: list[TrainBatch] | None, layout: Para
     return box[0]
 
 
-def _common_shape(micro_batches: list[TrainBatch], layout: ParallelLayout, sequence_parallel: bool) -> tuple[int, int]:
+def length_multiple(rows: int, tp: int, sequence_parallel: bool, fp8_tokens: int | None) -> int:
+    """What the padded sequence length must be a multiple of, for micro-batches of ``rows`` sequences.
+
+    Sequence parallelism splits the sequence over the TP ranks: a multiple of ``tp``. Under FP8 each
+    rank's linear layers see ``rows * length`` tokens (``rows * length / tp`` with SP, before the
+    all-gather) and TE's FP8 GEMMs need that token count to be a multiple of ``fp8_tokens``
+    (mopd.student.hardware.fp8_token_multiple: 16 for tensorwise/delayed scaling).
+    """
+    split = tp if sequence_parallel else 1
+    if fp8_tokens is None:
+        return split
+    # rows * (length / split) % fp8_tokens == 0  <=>  length % (split * fp8_tokens / gcd(rows, fp8_tokens)) == 0
+    return split * (fp8_tokens // math.gcd(rows, fp8_tokens))
+
+
+def _common_shape(micro_batches: list[TrainBatch], layout: ParallelLayout, config) -> tuple[int, int]:
+    """(rows, length) every micro-batch is padded to; ``config`` is the model's TransformerConfig."""
+    from mopd.student.hardware import fp8_token_multiple
+
     rows = max(int(b.tokens.shape[0]) for b in micro_batches)
     length = max(int(b.tokens.shape[1]) for b in micro_batches)
-    if sequence_parallel:
-        length = -(-length // layout.tp) * layout.tp
-    return rows, length
+    fp8_tokens = fp8_token_multiple(config.fp8_recipe) if config.fp8 else None
+    multiple = length_multiple(rows, layout.tp, config.sequence_parallel, fp8_tokens)
+    return rows, -(-length // multiple) * multiple
 
 
 def _megatron_loss(batch: TrainBatch, loss_fn: LossFn, scale: float, logits: torch.Tensor):
@@ -164,7 +182,7 @@ def train_step(model_chunks: list[torch.nn.Module], optimizer, scheduler, micro_
         raise DataError(f"train_step(step={step}): no micro-batches")
     start = time.perf_counter()
     config = model_chunks[0].config
-    rows, length = _common_shape(micro_batches, layout, config.sequence_parallel)
+    rows, length = _common_shape(micro_batches, layout, config)
     padded = [pad_batch(b, rows, length) for b in micro_batches]
     num_tokens = _global_token_count(padded, layout)
     if num_tokens == 0:
