@@ -163,10 +163,13 @@ def test_streaming_writer_refuses_out_of_plan_and_unfinished_writes(tmp_path):
         writer.close()
 
 
-def test_vocab_padding_agrees_with_the_student_builder():
-    from mopd.student.model import padded_vocab_size as student_padded
-
-    for vocab in (1, 127, 128, 300, 151_936):
-        for tp in (1, 2, 8):
-            cfg = ModelConfig(vocab_size=vocab)
-            assert padded_vocab_size(cfg, tp) == student_padded(cfg, tp)
+@pytest.mark.parametrize("vocab,tp,padded", [
+    (1, 1, 128), (127, 2, 128), (128, 8, 128), (300, 1, 384), (300, 8, 384), (151_936, 1, 151_936),
+    (151_936, 8, 151_936),
+    # A TP that does not divide 128: lcm(128, 3) = 384 rows per multiple.
+    (300, 3, 384), (151_936, 3, 152_064),
+])
+def test_vocab_padding_is_the_vocabulary_rounded_up_to_lcm_of_the_divisor_and_tp(vocab, tp, padded):
+    """Hand-computed sizes (make_vocab_size_divisible_by=128): the HF converter and the student share
+    one function, so this table is what keeps their checkpoints' embedding shapes right."""
+    assert padded_vocab_size(ModelConfig(vocab_size=vocab, make_vocab_size_divisible_by=128), tp) == padded

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_objectives import make_case
+from test_objectives import assert_matches_reference, make_case, ours
 
 from mopd.config import ObjectiveConfig, ObjectiveName
 from mopd.errors import ObjectiveError
@@ -53,12 +53,19 @@ def test_non_finite_teacher_logprobs_name_teacher_and_position():
         _loss(_with(batch, tail_logmass=_set(batch.tail_logmass, (0, 7), float("nan"))))
 
 
-def test_minus_infinity_top_k_entries_are_zero_probability_not_errors():
+@pytest.mark.parametrize("name", [N_.forward_kl_topk, N_.jsd, N_.aopd])
+def test_minus_infinity_top_k_entries_are_zero_probability_not_errors(name):
+    """A -inf entry (an engine's padding of a short top-K, here a duplicate id) is an entry of
+    probability 0: loss and gradient equal the float64 full-vocabulary reference, which gives it 0."""
     student, batch = make_case()
     lp = _set(batch.topk_logprobs, (0, 4, 4), float("-inf"))
     ids = _set(batch.topk_ids, (0, 4, 4), int(batch.topk_ids[0, 4, 0]))  # a padded duplicate is fine
-    loss, _ = _loss(_with(batch, topk_logprobs=lp, topk_ids=ids))
-    assert torch.isfinite(loss)
+    padded = _with(batch, topk_logprobs=lp, topk_ids=ids)
+    objectives = {0: [ObjectiveConfig(name=name, beta=0.4)]}
+    loss, grad, _ = assert_matches_reference(student, padded, objectives, 21, names=("math",))
+    # The entry really changed the teacher (its mass left the top-K): not the unpadded loss.
+    unpadded, _, _ = ours(student, batch, objectives, 21, names=("math",))
+    assert abs(float(loss) - float(unpadded)) > 1e-6
 
 
 def test_a_repeated_top_k_id_is_rejected_with_its_position():
