@@ -247,7 +247,14 @@ class RolloutConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     sglang: SGLangConfig = field(default_factory=SGLangConfig)
     max_staleness: int = 0
-    """Overlap: generate step n+1 while step n trains, at most this many weight versions behind; 0 is synchronous."""
+    """1: generate step n+1 while step n trains (rollouts exactly one weight version behind); 0 is
+    synchronous. The loop looks one step ahead, so nothing larger is accepted."""
+
+    def problems(self) -> list[Problem]:
+        if self.max_staleness not in (0, 1):
+            return [Problem("max_staleness", self.max_staleness,
+                            "must be 0 (synchronous) or 1 (generation overlaps one train step)")]
+        return []
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -274,4 +281,17 @@ class DistillConfig:
         for name in self.router.mixture:
             if name not in known:
                 out.append(Problem("router.mixture", name, f"must name teachers in {sorted(known)}"))
+        out += self._needs_teacher_logits()
         return out
+
+    def _needs_teacher_logits(self) -> list[Problem]:
+        """reverse_kl_student_topk reads the teacher's full logits (TrainBatch.teacher_logits), which only
+        a teacher running inside the trainer has; every teacher mopd run builds is an engine that
+        returns its top-K, so the objective is refused here rather than at the first step."""
+        lists = [("objectives", self.objectives)]
+        lists += [(f"teachers[{t.name}].objectives", t.objectives or []) for t in self.teachers]
+        return [Problem(f"{key}[{i}].name", o.name.value,
+                        "needs an in-trainer teacher's full logits, and mopd run's teachers are engines that "
+                        "return their top-K; use forward_kl_topk, jsd or reverse_kl_sampled")
+                for key, objectives in lists for i, o in enumerate(objectives)
+                if o.name == ObjectiveName.reverse_kl_student_topk]
