@@ -55,6 +55,9 @@ class DataConfig:
     """source=jsonl: a JSONL file of held-out eval prompts (a JSONL file has no splits); null: eval reads
     data.path itself. Synthetic and HF data take their eval split instead."""
     split: str = "train"
+    """The split trained on (synthetic, HF); a JSONL file has no splits, so only "train" there."""
+    eval_split: str = "eval"
+    """The split evaluation reads (synthetic: a held-out generator split; HF: a split of data.path)."""
     domains: list[str] = field(default_factory=list)
     """Synthetic domains to generate, or the domains to keep (empty keeps all)."""
     prompt_field: str = "prompt"
@@ -108,6 +111,9 @@ class DataConfig:
         if self.eval_path is not None and self.source != "jsonl":
             out.append(Problem("eval_path", self.eval_path, f"is for source=jsonl (source={self.source} has an "
                                                             "eval split)"))
+        if self.source == "jsonl" and self.split != "train":
+            out.append(Problem("split", self.split, "a JSONL file has no splits; keep train and give held-out "
+                                                    "prompts as data.eval_path"))
         if self.source in ("jsonl", "hf") and not self.path:
             out.append(Problem("path", self.path, f"is required when source={self.source}"))
         if not 0.0 <= self.max_bad_fraction <= 1.0:
@@ -171,6 +177,9 @@ class EvalConfig:
     at_start: bool = False
     """opd stages: also evaluate before the first step; the summary reports that as "before" and the
     stage's final evaluation as "after"."""
+    allow_train_prompts: bool = False
+    """Evaluate on the prompts the run trains on (a JSONL run without data.eval_path, or
+    data.eval_split equal to data.split); refused unless this is true."""
     teacher_kl: list[str] = field(default_factory=list)
     """opd stages: teachers (distill.teachers names) whose reverse KL to the student is estimated at
     every evaluation, on one response per eval prompt sampled at temperature 1 (nats per token)."""
@@ -260,6 +269,20 @@ class RunConfig:
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     stages: list[StageConfig] = field(default_factory=list)
 
+    def _eval_on_training_prompts(self) -> list[Problem]:
+        """Held-out evaluation: refuse eval prompts that are the training prompts unless asked for."""
+        d = self.data
+        evaluates = any(s.evaluate or s.kind == StageKind.eval for s in self.stages) or self.eval.every_steps > 0
+        if not evaluates or self.eval.allow_train_prompts:
+            return []
+        if d.source == "jsonl" and d.eval_path in (None, d.path):
+            return [Problem("data.eval_path", d.eval_path, f"evaluation would read the training file data.path={d.path!r}; "
+                            "give a held-out JSONL file, or set eval.allow_train_prompts=true")]
+        if d.source != "jsonl" and d.eval_split == d.split:
+            return [Problem("data.eval_split", d.eval_split, f"is the training split (data.split); name a held-out "
+                            "split, or set eval.allow_train_prompts=true")]
+        return []
+
     def problems(self) -> list[Problem]:
         out: list[Problem] = []
         names = [s.name for s in self.stages]
@@ -282,6 +305,7 @@ class RunConfig:
                 if item.split("=", 1)[0].strip().startswith(("student.parallel", "stages")):
                     out.append(Problem(f"stages[{i}].overrides[{j}]", item,
                                        "stages share one parallel layout and cannot change the stage list"))
+        out += self._eval_on_training_prompts()
         teachers = sorted(t.name for t in self.distill.teachers)
         out += [Problem("eval.teacher_kl", name, f"must name teachers in distill.teachers {teachers}")
                 for name in self.eval.teacher_kl if name not in teachers]

@@ -2,7 +2,7 @@
 periodic evaluation inside training stages, and the ``eval`` stage.
 
 Generation runs on global rank 0 only (engines live there) and the result is broadcast; the eval
-prompts are the data source's eval split (held-out synthetic prompts), so training never sees them.
+prompts are the data source's held-out eval split (``eval_prompts``), so training never sees them.
 Every evaluation covers every domain of the run, not only the stage's own, so experts and baselines
 compare.
 
@@ -34,8 +34,19 @@ if TYPE_CHECKING:
 
 
 def eval_prompts(config: RunConfig, tokenizer):
+    """The held-out prompts: the first ``eval.num_prompts`` of each domain of the eval split
+    (``data.eval_split``; a JSONL run's ``data.eval_path``). The config refuses eval prompts that are
+    the training prompts unless ``eval.allow_train_prompts``."""
     data = replace(config.data, num_prompts=config.eval.num_prompts)
-    return list(build_source(data, tokenizer, seed=config.seed, split="eval", pi_mode=PiMode(config.data.pi_mode)))
+    split = "eval" if data.source == "jsonl" else data.eval_split  # JSONL: build_source reads data.eval_path
+    source = build_source(data, tokenizer, seed=config.seed, split=split, pi_mode=PiMode(config.data.pi_mode))
+    taken: dict[str, int] = {}
+    out = []
+    for prompt in source:
+        if taken.get(prompt.domain, 0) < config.eval.num_prompts:
+            taken[prompt.domain] = taken.get(prompt.domain, 0) + 1
+            out.append(prompt)
+    return out
 
 
 def evaluate_engine(engine: Engine, config: RunConfig, tokenizer, prompts=None) -> EvalResult:
