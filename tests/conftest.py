@@ -1,7 +1,12 @@
-"""Test-wide settings: `@pytest.mark.gpu` tests skip cleanly on machines without a CUDA device."""
+"""Test-wide settings: `@pytest.mark.gpu` tests skip cleanly on machines without a CUDA device; the
+real-model fixtures (tests/real_models.py) are built once per machine and shared by every test."""
+
+from pathlib import Path
 
 import pytest
 import torch
+
+from real_models import r1_qwen_tokenizer_dir, smollm2_hf_dir, smollm2_megatron_dir
 
 
 def pytest_collection_modifyitems(config, items):
@@ -11,3 +16,29 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# --- real-model fixtures (session-scoped; the folders are read-only: copy before modifying) ---
+
+@pytest.fixture(scope="session")
+def smollm2_hf() -> Path:
+    """SmolLM2-135M-Instruct as an HF folder (bf16 safetensors, tokenizer, ChatML chat template)."""
+    return smollm2_hf_dir()
+
+
+@pytest.fixture(scope="session")
+def smollm2_megatron_tp1() -> Path:
+    """SmolLM2-135M-Instruct imported by `convert_hf.py import --tp 1`."""
+    return smollm2_megatron_dir(1)
+
+
+@pytest.fixture(scope="session")
+def smollm2_megatron_tp3() -> Path:
+    """SmolLM2-135M-Instruct imported by `convert_hf.py import --tp 3`."""
+    return smollm2_megatron_dir(3)
+
+
+@pytest.fixture(scope="session")
+def r1_qwen_tokenizer() -> Path:
+    """The DeepSeek-R1-Distill-Qwen tokenizer folder (a second family: Qwen2 BPE, R1 chat template)."""
+    return r1_qwen_tokenizer_dir()

@@ -2,6 +2,7 @@
 
     python tools/convert_hf.py import --hf-dir HF_DIR --megatron-dir OUT [--tp N] [--pp N]
     python tools/convert_hf.py export --megatron-dir IN --hf-dir OUT
+    python tools/convert_hf.py from-gguf --gguf FILE --hf-dir OUT [--dtype bf16]
 """
 
 import sys

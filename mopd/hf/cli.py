@@ -3,8 +3,9 @@
     python tools/convert_hf.py import --hf-dir HF --megatron-dir OUT [--tp N] [--pp N] [--backend bridge]
     python tools/convert_hf.py export --megatron-dir IN --hf-dir OUT [--model-config YAML] [--dtype bf16]
                                       [--assets-from HF_DIR]
+    python tools/convert_hf.py from-gguf --gguf FILE --hf-dir OUT [--dtype bf16]
 
-Both write to a hidden sibling folder and rename it at the end; an existing OUT is never touched.
+All three write to a hidden sibling folder and rename it at the end; an existing OUT is never touched.
 """
 
 from __future__ import annotations
@@ -40,16 +41,17 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--backend", choices=("builtin", "bridge"), default="builtin")
     exp.add_argument("--hf-reference", default=None,
                      help="bridge backend only: HF model id or folder whose config the export follows")
+    gguf = sub.add_parser("from-gguf", help="GGUF file (any quantisation) -> dequantised HF safetensors folder")
+    gguf.add_argument("--gguf", type=Path, required=True, help="the .gguf file")
+    gguf.add_argument("--hf-dir", type=Path, required=True)
+    gguf.add_argument("--dtype", choices=_DTYPES, default="bf16", help="dtype of the written weights")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "import":
-            _import(args)
-        else:
-            _export(args)
+        {"import": _import, "export": _export, "from-gguf": _from_gguf}[args.command](args)
     except MopdError as exc:
         print(f"convert_hf.py {args.command}: {exc}", file=sys.stderr)
         return 2
@@ -84,6 +86,13 @@ def _export(args: argparse.Namespace) -> None:
     export_hf(args.megatron_dir, args.hf_dir, model_cfg=cfg, dtype=dtype, assets_from=args.assets_from,
               max_shard_bytes=int(args.max_shard_gb * 2**30))
     print(f"exported {args.megatron_dir} to {args.hf_dir}")
+
+
+def _from_gguf(args: argparse.Namespace) -> None:
+    from mopd.hf.gguf import gguf_to_hf
+
+    gguf_to_hf(args.gguf, args.hf_dir, dtype=args.dtype)
+    print(f"dequantised {args.gguf} into {args.hf_dir}")
 
 
 __all__ = ["main"]
