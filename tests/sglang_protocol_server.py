@@ -4,12 +4,20 @@ It speaks the subset mopd uses: ``/generate`` (generation, and prefill-only scor
 base64 or nested top logprobs), ``/health``, ``/model_info``, ``/server_info``, the pause /
 flush / begin-end weight-update endpoints, ``update_weights_from_disk`` and
 ``update_weights_from_distributed`` over a real (gloo) process group joined the way SGLang joins.
-Every ``/generate`` request is checked with SGLang's own ``decode_GenerateRequest`` and every
-answer with ``decode_GenerateResponse`` from ``sglang/api/v1/api_types.py`` in the sglang wheel,
-loaded by file path; violations are recorded in ``server.violations`` (and a bad request gets the
-contract gate's 400). Faults can be injected per endpoint (``Fault``).
+With ``api`` (``load_api_types()``), every ``/generate`` request is checked with SGLang's own
+``decode_GenerateRequest`` and every answer with ``decode_GenerateResponse`` from
+``sglang/api/v1/api_types.py`` in the sglang wheel, loaded by file path; violations are recorded in
+``server.violations`` (and a bad request gets the contract gate's 400). Without it (``api=None``)
+the server runs with schema validation off, for the fault/retry tests that do not need the wheel.
 
-Run as a script it mimics ``python -m sglang.launch_server`` for the launcher tests.
+With keys, it enforces SGLang 0.5.23's auth rules by calling the wheel's own
+``sglang/srt/utils/auth.py:decide_request_auth`` with each endpoint's level as marked in the wheel's
+``srt/entrypoints/http_server.py`` (health open, the api key on /generate, the admin key on the
+``ADMIN_OPTIONAL`` weight and pause endpoints). Faults can be injected per endpoint (``Fault``).
+
+Run as a script it mimics ``python -m sglang.launch_server`` (same flags, ``--config`` YAML with
+``api_key``/``admin_api_key``) for the launcher and cluster tests; ``--refuse-weight-group`` and
+``--exit-after PATH:N`` make it refuse the weight-group init or die after its N-th call of PATH.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import sys
 import threading
 import time
@@ -72,6 +81,45 @@ def load_api_types() -> ModuleType | None:
     return None
 
 
+def _sglang_root() -> Path | None:
+    spec = importlib.util.find_spec("sglang")
+    for root in list(spec.submodule_search_locations or []) if spec else []:
+        if (Path(root) / "srt" / "utils" / "auth.py").is_file():
+            return Path(root)
+    return None
+
+
+class SGLangAuth:
+    """SGLang 0.5.23's request authorisation: its own ``decide_request_auth`` and endpoint levels."""
+
+    def __init__(self, api_key: str | None, admin_api_key: str | None) -> None:
+        root = _sglang_root()
+        if root is None:
+            raise RuntimeError("keys need the sglang wheel (srt/utils/auth.py): pip install --no-deps sglang==0.5.23")
+        spec = importlib.util.spec_from_file_location("sglang_srt_utils_auth", root / "srt" / "utils" / "auth.py")
+        self.module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = self.module  # dataclasses resolve the module's annotations through it
+        spec.loader.exec_module(self.module)
+        self.levels = endpoint_auth_levels(root)
+        self.api_key, self.admin_api_key = api_key, admin_api_key
+
+    def decide(self, method: str, path: str, authorization: str | None) -> int | None:
+        """None when allowed, else the HTTP status SGLang answers (401 or 403)."""
+        level = self.module.AuthLevel(self.levels.get(path, "normal"))
+        decision = self.module.decide_request_auth(method=method, path=path, authorization_header=authorization,
+                                                   api_key=self.api_key, admin_api_key=self.admin_api_key,
+                                                   auth_level=level)
+        return None if decision.allowed else decision.error_status_code
+
+
+def endpoint_auth_levels(root: Path | None = None) -> dict[str, str]:
+    """{path: level} for every route of SGLang's http_server.py marked with ``@auth_level``."""
+    root = root or _sglang_root()
+    text = (root / "srt" / "entrypoints" / "http_server.py").read_text()
+    pattern = re.compile(r'@app\.(?:api_route|post|get|put|delete)\("([^"]+)"[^\n]*\)\s*\n\s*@auth_level\(AuthLevel\.(\w+)\)')
+    return {path: level.lower() for path, level in pattern.findall(text)}
+
+
 @dataclass
 class Fault:
     """Misbehaviour for the next matching calls: close | delay | garbage | bad_b64 | nan | abort | wrong_count | status."""
@@ -88,9 +136,14 @@ class Fault:
 class ProtocolServer:
     """The server state; ``start()`` serves it on 127.0.0.1 in a daemon thread."""
 
-    def __init__(self, engine: EmbeddedEngine, api: ModuleType, *, port: int = 0, model_path: str = "tiny-llama",
-                 launch_command: list[str] | None = None) -> None:
+    def __init__(self, engine: EmbeddedEngine, api: ModuleType | None, *, port: int = 0, host: str = "127.0.0.1",
+                 model_path: str = "tiny-llama", launch_command: list[str] | None = None, api_key: str | None = None,
+                 admin_api_key: str | None = None, refuse_weight_group: bool = False,
+                 exit_after: tuple[str, int] | None = None) -> None:
         self.engine, self.api, self.model_path = engine, api, model_path
+        self.auth = SGLangAuth(api_key, admin_api_key) if (api_key or admin_api_key) else None
+        self.refuse_weight_group, self.exit_after = refuse_weight_group, exit_after
+        self.counts: dict[str, int] = {}
         self.launch_command = launch_command or []
         self.violations: list[str] = []
         self.calls: list[str] = []
@@ -100,7 +153,7 @@ class ProtocolServer:
         self.groups: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._engine_lock = threading.Lock()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), _Handler)
+        self.httpd = ThreadingHTTPServer((host, port), _Handler)
         self.httpd.daemon_threads = True
         self.httpd.state = self
         self._thread: threading.Thread | None = None
@@ -136,13 +189,14 @@ class ProtocolServer:
     # ------------------------------------------------------------------ /generate
 
     def generate(self, body: Any) -> tuple[int, Any]:
+        if self.api is not None:
+            try:
+                self.api.decode_GenerateRequest(body)
+            except self.api.JsonContractError as exc:
+                self.violations.append(f"request: {exc}")
+                return 400, {"error": str(exc)}
         try:
-            req = self.api.decode_GenerateRequest(body)
-        except self.api.JsonContractError as exc:
-            self.violations.append(f"request: {exc}")
-            return 400, {"error": str(exc)}
-        try:
-            items = _normalise(req, body)
+            items = _normalise(body)
         except ValueError as exc:
             return 400, {"error": {"message": str(exc), "code": 400}}
         with self._lock:
@@ -154,7 +208,7 @@ class ProtocolServer:
         finally:
             with self._lock:
                 self.active -= 1
-        for i, r in enumerate(results):
+        for i, r in enumerate(results if self.api is not None else []):
             try:
                 self.api.decode_GenerateResponse(json.loads(json.dumps(r)))
             except self.api.JsonContractError as exc:
@@ -223,6 +277,7 @@ class ProtocolServer:
             "/begin_weight_update": self._begin, "/end_weight_update": self._end,
             "/init_weights_update_group": self._init_group, "/update_weights_from_distributed": self._from_distributed,
             "/update_weights_from_disk": self._from_disk, "/destroy_weights_update_group": self._destroy_group,
+            "/weights_checker": self._checksums,
         }.get(path)
         if handler is None:
             return 404, {"detail": "Not Found"}
@@ -259,6 +314,11 @@ class ProtocolServer:
 
     def _init_group(self, body):
         name = body.get("group_name", "weight_update_group")
+        if self.refuse_weight_group:
+            return 400, {"success": False, "message": "Failed to initialize custom process group: refused (--refuse-weight-group)"}
+        if name in self.groups:  # torch refuses a second group under one name, and so does SGLang
+            return 400, {"success": False, "message": f"Failed to initialize custom process group: The specified "
+                         f"group name {name} has already been created, please use a different group name"}
         if body.get("backend", "nccl") != "gloo":
             return 400, {"success": False, "message": "this CPU test server joins gloo groups only"}
         self.groups[name] = _join_gloo_group(
@@ -267,8 +327,20 @@ class ProtocolServer:
         return 200, {"success": True, "message": "Succeeded to initialize custom process group."}
 
     def _destroy_group(self, body):
-        self.groups.pop(body.get("group_name", "weight_update_group"), None)
+        group = self.groups.pop(body.get("group_name", "weight_update_group"), None)
+        if group is None:
+            return 400, {"success": False, "message": f"no group named {body.get('group_name')!r}"}
         return 200, {"success": True, "message": "ok"}
+
+    def _checksums(self, body):
+        """SHA-256 of every weight's bytes in ``dtype`` (this server's form of SGLang's /weights_checker)."""
+        import hashlib
+
+        dtype = getattr(torch, body.get("dtype", "float32"))
+        with self._engine_lock:
+            sums = {n: hashlib.sha256(t.detach().to(dtype).contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+                    for n, t in self.engine.model.state_dict().items()}
+        return 200, {"success": True, "checksums": sums, "weight_version": str(self.engine.weight_version)}
 
     def _from_distributed(self, body):
         if not self.in_update_session:
@@ -306,7 +378,8 @@ class ProtocolServer:
         info = {"model_path": self.model_path, "served_model_name": self.model_path, "tokenizer_path": self.model_path,
                 "is_generation": True, "preferred_sampling_params": None,
                 "weight_version": str(self.engine.weight_version), "load_format": "auto"}
-        self.api.decode_GetModelInfoResponse(info)
+        if self.api is not None:
+            self.api.decode_GetModelInfoResponse(info)
         return info
 
     def server_info(self) -> dict:
@@ -331,10 +404,10 @@ def _join_gloo_group(init_method: str, rank: int, world_size: int, name: str):
     return dist.ProcessGroupGloo(store, rank, world_size, timedelta(seconds=60))
 
 
-def _normalise(req, body: dict) -> list[dict]:
+def _normalise(body: dict) -> list[dict]:
     """One dict per batch entry, with list-valued parameters split and checked like SGLang does."""
-    ids = req.input_ids
-    if not ids:
+    ids = body.get("input_ids")
+    if not isinstance(ids, list) or not ids:
         raise ValueError("input_ids is required (text input is not supported by this server)")
     batch = [list(x) for x in ids] if isinstance(ids[0], list) else [list(ids)]
     n = len(batch)
@@ -348,9 +421,9 @@ def _normalise(req, body: dict) -> list[dict]:
 
     raw_sp = body.get("sampling_params") or {}
     sps = per_item(raw_sp, {}, "sampling_params")
-    return_lp = per_item(req.return_logprob, False, "return_logprob")
-    starts = per_item(req.logprob_start_len, -1, "logprob_start_len")
-    ks = per_item(req.top_logprobs_num, 0, "top_logprobs_num")
+    return_lp = per_item(body.get("return_logprob"), False, "return_logprob")
+    starts = per_item(body.get("logprob_start_len"), -1, "logprob_start_len")
+    ks = per_item(body.get("top_logprobs_num"), 0, "top_logprobs_num")
     items = []
     for i in range(n):
         sp = sps[i]
@@ -438,6 +511,15 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, body: Any) -> None:
         state: ProtocolServer = self.server.state
         path = self.path.split("?")[0]
+        if state.auth is not None:
+            refused = state.auth.decide(self.command, path, self.headers.get("Authorization"))
+            if refused is not None:
+                return self._send(refused, {"error": "Unauthorized" if refused == 401 else "Forbidden"})
+        if state.exit_after is not None and path == state.exit_after[0]:
+            state.counts[path] = state.counts.get(path, 0) + 1
+            if state.counts[path] >= state.exit_after[1]:
+                print(f"exiting at call {state.counts[path]} of {path} (--exit-after)", flush=True)
+                os._exit(3)
         fault = state.take_fault(path)
         if fault and fault.kind == "close":
             self.close_connection = True
@@ -470,16 +552,33 @@ class _Handler(BaseHTTPRequestHandler):
 def main() -> None:
     """Stand-in for ``python -m sglang.launch_server``: same flags (unknown ones ignored)."""
     parser = argparse.ArgumentParser()
+    parser.add_argument("--config")
     parser.add_argument("--model-path", "--model", required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=30000)
+    parser.add_argument("--api-key")
+    parser.add_argument("--admin-api-key")
+    parser.add_argument("--refuse-weight-group", action="store_true")
+    parser.add_argument("--exit-after", help="PATH:N")
     args, _ = parser.parse_known_args()
+    keys = {}
+    if args.config:  # SGLang reads its flags from a YAML file with --config; mopd puts the keys there
+        import yaml
+
+        keys = yaml.safe_load(Path(args.config).read_text()) or {}
     torch.set_num_threads(1)
     api = load_api_types()
     if api is None:
         sys.exit("sglang/api/v1/api_types.py is not installed")
+    exit_after = None
+    if args.exit_after:
+        path, n = args.exit_after.rsplit(":", 1)
+        exit_after = (path, int(n))
     engine = EmbeddedEngine.from_pretrained(args.model_path, name="protocol-server")
-    server = ProtocolServer(engine, api, port=args.port, model_path=args.model_path, launch_command=sys.argv)
+    server = ProtocolServer(engine, api, port=args.port, host=args.host, model_path=args.model_path,
+                            launch_command=sys.argv, api_key=args.api_key or keys.get("api_key"),
+                            admin_api_key=args.admin_api_key or keys.get("admin_api_key"),
+                            refuse_weight_group=args.refuse_weight_group, exit_after=exit_after)
     print(f"serving {args.model_path} at {server.url}", flush=True)
     server.httpd.serve_forever()
 

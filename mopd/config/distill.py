@@ -214,30 +214,61 @@ class SamplingConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class SGLangConfig:
-    """How to reach (or launch) SGLang servers."""
+    """How to reach (or launch) SGLang servers, and the keys they require."""
 
     endpoints: list[str] = field(default_factory=list)
-    """URLs of running servers or of sglang_router; empty with launch=true starts them."""
+    """Where generation and scoring go: the servers themselves, or one sglang_router in front of them.
+    Empty with launch=true (mopd starts the servers)."""
+    worker_urls: list[str] = field(default_factory=list)
+    """The servers behind a router in endpoints: weight updates and pause/continue go to each of them
+    directly (the router has no weight-update routes). Empty: the endpoints are the servers."""
     launch: bool = False
-    """Start sglang.launch_server processes (and sglang_router when more than one)."""
+    """Start sglang.launch_server processes on this node, beside the trainer's GPUs (and sglang_router
+    when more than one)."""
     model_path: str | None = None
+    """The HF folder the servers load at start (launch=true) and the config files disk sync copies."""
+    python: str | None = None
+    """launch=true: the interpreter of SGLang's own environment (a venv or container with its full
+    dependencies, never the trainer's); null reads $SGLANG_PYTHON. It must import sglang.launch_server."""
+    host: str = "127.0.0.1"
+    """launch=true: the address the servers and the router bind (and clients use)."""
     tp: int = 1
     num_servers: int = 1
     port: int = 30000
     mem_fraction_static: float = 0.8
-    request_timeout_s: float = 600.0
+    request_timeout_s: float = 3600.0
+    """Bound on one HTTP call; a 70B step's longest rollout (12k new tokens behind a queue) fits in an
+    hour. A call that times out is never retried."""
     max_in_flight: int = 64
-    """Bounded concurrency of requests per engine."""
+    """Bounded concurrency of requests per engine (each request is one sequence)."""
     retries: int = 3
-    """Retries (with exponential back-off) of idempotent requests."""
+    """Retries (with exponential back-off) of idempotent calls (scoring, health, control) after a
+    dropped connection or a 5xx; never after a timeout or a 4xx, never for generation."""
     weight_sync: str = "distributed"
     """distributed (NCCL group) or disk."""
+    weight_sync_address: str = ""
+    """weight_sync=distributed: the address the servers reach this trainer at for the group's
+    rendezvous ("" = this host's name)."""
+    api_key_env: str | None = "MOPD_SGLANG_API_KEY"
+    """Environment variable holding the key every server and the router require on /generate and
+    /model_info (SGLang's --api-key). launch=true without it set: a fresh key per job. Null: no key."""
+    admin_api_key_env: str | None = "MOPD_SGLANG_ADMIN_API_KEY"
+    """Environment variable holding the key of the weight-update and pause/flush endpoints (SGLang's
+    --admin-api-key); launch=true without it set: a fresh key per job. Null: no admin key."""
 
     def problems(self) -> list[Problem]:
         out = positive(self, "tp", "num_servers", "port", "request_timeout_s", "max_in_flight")
         out += at_least(self, 0, "retries")
         if self.weight_sync not in ("distributed", "disk"):
             out.append(Problem("weight_sync", self.weight_sync, "must be one of ['disk', 'distributed']"))
+        if self.launch and (self.endpoints or self.worker_urls):
+            out.append(Problem("endpoints", self.endpoints + self.worker_urls,
+                               "must be empty with launch=true (mopd starts the servers and knows their URLs)"))
+        if self.worker_urls and not self.endpoints:
+            out.append(Problem("worker_urls", self.worker_urls, "needs endpoints (the router in front of them)"))
+        if self.api_key_env and self.api_key_env == self.admin_api_key_env:
+            out.append(Problem("admin_api_key_env", self.admin_api_key_env,
+                               "must differ from api_key_env (the admin key guards the weights)"))
         return out
 
 

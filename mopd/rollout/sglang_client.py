@@ -1,22 +1,29 @@
 """SGLangEngine: an HTTP client of SGLang 0.5.23's native API (generation, scoring, weight updates).
 
-* Requests are cut into chunks of ``chunk_size`` sequences; each chunk is one batch ``/generate``
-  call, sent round-robin to the endpoints (servers, or one sglang_router), at most
-  ``max_in_flight`` calls at once; an idempotent chunk fails over to the next endpoint.
-  Weight updates and control calls go to ``worker_urls`` (every server, never the router).
-* The n samples of a prompt are sent as n separate batch entries, each with its own
-  ``sampling_seed`` (``derive_seed``): SGLang hashes (seed, position) per token, so one shared seed
-  would make the n samples identical. Order stays prompt-major.
-* Retries with exponential back-off apply only to idempotent calls: scoring, health, control reads,
-  and generation when a seed makes it reproducible. A 4xx is never retried; its message is
-  included in the EngineError. A malformed answer is an error at once, never empty/zero scores.
+* Every ``/generate`` request carries one sequence (one ``sampling_params`` object), so the same
+  requests go to a server or through sgl-router; requests go round-robin over the endpoints, at
+  most ``max_in_flight`` at once.
+* Weight updates and pause/flush/continue go to ``worker_urls``: every server, never the router
+  (it registers no weight-update routes).
+* Keys (SGLang's ``--api-key`` / ``--admin-api-key``): ``Authorization: Bearer`` on every request,
+  the admin key on the endpoints SGLang marks ``ADMIN_OPTIONAL`` (``ADMIN_PATHS``). A 401/403 is an
+  ``AuthError`` naming the server and which key was sent, never retried. Keys are never printed.
+* Retries with exponential back-off apply only to idempotent calls (scoring, health, control) after
+  a dropped connection, a 5xx or a 429; never after a timeout (``request_timeout_s`` is the bound;
+  a retried long call would double it), never after another 4xx, and never for generation.
+* Generation is not reproducible on a default SGLang 0.5.23 server: ``sampling_seed`` is used only
+  with ``--enable-deterministic-inference`` (``sampling_batch_info.py``), which mopd does not turn on
+  (it is slower and refuses seeds with the flashinfer sampler). So a generation is never retried or
+  failed over as if a second try would draw the same samples; the seeds are still sent, harmless.
 * Behaviour logprobs are raw (temperature-1) only if the server runs with
-  ``SGLANG_RETURN_ORIGINAL_LOGPROB=1`` (sglang_launcher sets it); input (scoring) logprobs are
-  always raw. No temperature is applied to scores here.
+  ``SGLANG_RETURN_ORIGINAL_LOGPROB=1`` (sglang_launcher and slurm/mopd_70b.sh set it); input
+  (scoring) logprobs are always raw. No temperature is applied to scores here.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import shutil
 import socket
 import threading
@@ -24,7 +31,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -39,9 +46,67 @@ from mopd.rollout.engine import Engine, Health, ScoreRequest
 from mopd.rollout.scoring import derive_seed
 from mopd.types import Prompt, Rollout, TeacherScores
 
+logger = logging.getLogger(__name__)
+
+ADMIN_PATHS = frozenset({
+    "/flush_cache", "/pause_generation", "/continue_generation", "/begin_weight_update", "/end_weight_update",
+    "/init_weights_update_group", "/destroy_weights_update_group", "/update_weights_from_distributed",
+    "/update_weights_from_disk",
+})
+"""The endpoints mopd calls that SGLang 0.5.23 marks ``AuthLevel.ADMIN_OPTIONAL``
+(``srt/entrypoints/http_server.py``): with an admin key configured they accept only that key."""
+
 
 class UnavailableError(EngineError):
     """A server did not answer (connection refused or dropped, timeout, 5xx) within the retries."""
+
+
+class CallTimeout(EngineError):
+    """A server took longer than the timeout to answer; neither retried nor failed over."""
+
+
+class AuthError(EngineError):
+    """A server refused the request's key (HTTP 401/403)."""
+
+
+@dataclass(frozen=True)
+class ApiKeys:
+    """The job's SGLang keys; ``repr`` never shows them. ``source`` says where they came from."""
+
+    api: str | None = field(default=None, repr=False)
+    admin: str | None = field(default=None, repr=False)
+    source: str = "none"
+
+    @classmethod
+    def from_env(cls, config: SGLangConfig) -> ApiKeys:
+        """The keys in the environment variables the config names (unset: no key)."""
+        api = os.environ.get(config.api_key_env) if config.api_key_env else None
+        admin = os.environ.get(config.admin_api_key_env) if config.admin_api_key_env else None
+        names = [f"${n}" for n, v in ((config.api_key_env, api), (config.admin_api_key_env, admin)) if v]
+        return cls(api or None, admin or None, " and ".join(names) or "none")
+
+    @classmethod
+    def generate(cls, config: SGLangConfig) -> ApiKeys:
+        """The environment's keys where set, otherwise a fresh random key per job (launch=true)."""
+        import secrets
+
+        env = cls.from_env(config)
+        api = env.api or (secrets.token_urlsafe(32) if config.api_key_env else None)
+        admin = env.admin or (secrets.token_urlsafe(32) if config.admin_api_key_env else None)
+        return cls(api, admin, "generated for this job" if env.source == "none" else env.source)
+
+    def header(self, path: str) -> dict[str, str]:
+        key = self.admin if path in ADMIN_PATHS and self.admin else self.api
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def describe(self, path: str) -> str:
+        """Which key a request to ``path`` carried, without the key itself."""
+        if path in ADMIN_PATHS and self.admin:
+            return f"the admin key ({self.source})"
+        return f"the API key ({self.source})" if self.api else "no key"
+
+    def secrets(self) -> list[str]:
+        return [k for k in (self.api, self.admin) if k]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,7 +140,7 @@ class SGLangEngine(Engine):
         name: str = "sglang",
         endpoints: Sequence[str] | None = None,
         worker_urls: Sequence[str] | None = None,
-        chunk_size: int = 16,
+        keys: ApiKeys | None = None,
         backoff_s: float = 0.5,
         health_timeout_s: float = 20.0,
         sync: WeightSyncOptions | None = None,
@@ -85,8 +150,8 @@ class SGLangEngine(Engine):
         self.endpoints = [u.rstrip("/") for u in (endpoints or config.endpoints)]
         if not self.endpoints:
             raise EngineError(f"engine {name!r}: no SGLang endpoint (set rollout.sglang.endpoints or launch=true)")
-        self.worker_urls = [u.rstrip("/") for u in (worker_urls or self.endpoints)]
-        self.chunk_size = chunk_size
+        self.worker_urls = [u.rstrip("/") for u in (worker_urls or config.worker_urls or self.endpoints)]
+        self.keys = keys if keys is not None else ApiKeys.from_env(config)
         self.backoff_s = backoff_s
         self.health_timeout_s = health_timeout_s
         self.sync = sync or WeightSyncOptions()
@@ -96,6 +161,7 @@ class SGLangEngine(Engine):
         self._pool = ThreadPoolExecutor(max_workers=config.max_in_flight, thread_name_prefix=f"sglang-{name}")
         self._group = None
         self._group_broken = ""
+        self._sending: Future | None = None
         self._lock = threading.Lock()
         self.on_close: list[Callable[[], None]] = []
         """Run by close() after the client is shut (e.g. the launcher's stop for servers it started)."""
@@ -107,18 +173,29 @@ class SGLangEngine(Engine):
         """One HTTP call with bounded retries for idempotent requests; EngineError names the URL."""
         timeout = timeout or self.config.request_timeout_s
         attempts = 1 + (self.config.retries if idempotent else 0)
+        path = httpx.URL(url).path
         problem = ""
         for attempt in range(attempts):
             try:
-                resp = self._http.request(method, url, json=payload, timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)))
+                resp = self._http.request(method, url, json=payload, headers=self.keys.header(path),
+                                          timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)))
+            except httpx.ConnectTimeout:
+                problem = "no connection within 10 s"
             except httpx.TimeoutException:
-                problem = f"no answer within the {timeout:g} s timeout"
+                raise CallTimeout(f"engine {self.name!r}: {url}: no answer within the {timeout:g} s timeout "
+                                       "(rollout.sglang.request_timeout_s; not retried)") from None
             except httpx.TransportError as exc:
                 problem = f"unreachable or connection dropped ({type(exc).__name__}: {exc})"
             else:
                 if resp.status_code < 400:
                     return _decode(resp, url) if expect_json else resp.text
                 message = _server_message(resp)
+                if resp.status_code in (401, 403):
+                    raise AuthError(
+                        f"engine {self.name!r}: {url} refused the request's key: HTTP {resp.status_code} ({message}); "
+                        f"it was sent {self.keys.describe(path)}: the key is missing or wrong for this server "
+                        "(servers and router must be started with the job's --api-key/--admin-api-key)"
+                    )
                 if resp.status_code < 500 and resp.status_code != 429:
                     raise EngineError(f"engine {self.name!r}: {url} refused the request: HTTP {resp.status_code}: {message}")
                 problem = f"HTTP {resp.status_code}: {message}"
@@ -126,53 +203,50 @@ class SGLangEngine(Engine):
                 time.sleep(self.backoff_s * 2**attempt)
         raise UnavailableError(f"engine {self.name!r}: {url}: {problem} (after {attempts} attempt(s))")
 
-    def _map_chunks(self, items: Sequence[Any], work: Callable[[str, int, int], list[Any]], idempotent: bool) -> list[Any]:
-        """Run ``work(endpoint, lo, hi)`` over chunks of ``items`` concurrently; results in input order.
+    def _map(self, items: Sequence[Any], work: Callable[[str, int], Any], idempotent: bool) -> list[Any]:
+        """Run ``work(endpoint, i)`` for every item concurrently; results in input order.
 
-        Chunks go round-robin over the endpoints; an idempotent chunk whose endpoint is unavailable
+        Items go round-robin over the endpoints; an idempotent item whose endpoint is unavailable
         (after its retries) moves on to the next endpoint, so one dead server does not fail a batch.
         """
-        def failover(c: int, lo: int, hi: int) -> list[Any]:
+        def failover(i: int) -> Any:
             tries = len(self.endpoints) if idempotent else 1
-            for i in range(tries):
+            for k in range(tries):
                 try:
-                    return work(self.endpoints[(c + i) % len(self.endpoints)], lo, hi)
+                    return work(self.endpoints[(i + k) % len(self.endpoints)], i)
                 except UnavailableError:
-                    if i + 1 == tries:
+                    if k + 1 == tries:
                         raise
             raise AssertionError("unreachable")
 
-        futures: list[Future] = []
-        for c, lo in enumerate(range(0, len(items), self.chunk_size)):
-            futures.append(self._pool.submit(failover, c, lo, min(lo + self.chunk_size, len(items))))
-        out: list[Any] = []
-        for f in futures:
-            out += f.result()
-        return out
+        futures = [self._pool.submit(failover, i) for i in range(len(items))]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
 
     # ------------------------------------------------------------------ generation and scoring
 
     def generate(self, prompts: Sequence[Prompt], sampling: SamplingConfig) -> list[Rollout]:
-        """``sampling.n`` rollouts per prompt, prompt-major (see the module docstring for seeds)."""
+        """``sampling.n`` rollouts per prompt, prompt-major, one request per rollout (own seed each:
+        a shared seed would make the n samples of a deterministic server identical)."""
         expanded = [p for p in prompts for _ in range(sampling.n)]
         seeds = [None if sampling.seed is None else derive_seed(sampling.seed, p.index, s) for p in prompts for s in range(sampling.n)]
 
-        def work(url: str, lo: int, hi: int) -> list[Rollout]:
-            body = self._call("POST", f"{url}/generate", fmt.generate_payload(expanded[lo:hi], sampling, seeds[lo:hi]),
-                              idempotent=sampling.seed is not None)
-            items = fmt.as_batch(body, hi - lo, f"engine {self.name!r}: {url}/generate")
-            return [self._rollout(item, expanded[lo + i], sampling, f"{url}/generate (sequence {lo + i})")
-                    for i, item in enumerate(items)]
+        def work(url: str, i: int) -> Rollout:
+            where = f"engine {self.name!r}: {url}/generate (sequence {i})"
+            body = self._call("POST", f"{url}/generate", fmt.generate_payload(expanded[i], sampling, seeds[i]), idempotent=False)
+            return self._rollout(fmt.single_result(body, where), expanded[i], sampling, where)
 
-        return self._map_chunks(expanded, work, idempotent=sampling.seed is not None)
+        return self._map(expanded, work, idempotent=False)
 
     def _rollout(self, item: dict, prompt: Prompt, sampling: SamplingConfig, where: str) -> Rollout:
-        r = fmt.parse_rollout(item, prompt, f"engine {self.name!r}: {where}", self.weight_version)
+        r = fmt.parse_rollout(item, prompt, where, self.weight_version)
         t = r.response_ids.numel()
         if t > sampling.max_new_tokens or (r.finish == "length" and t != sampling.max_new_tokens) or (r.finish == "stop" and t == 0):
-            raise fmt.ResponseError(
-                f"engine {self.name!r}: {where}: {t} tokens with finish={r.finish!r} for max_new_tokens={sampling.max_new_tokens}"
-            )
+            raise fmt.ResponseError(f"{where}: {t} tokens with finish={r.finish!r} for max_new_tokens={sampling.max_new_tokens}")
         return r
 
     def score(self, requests: Sequence[ScoreRequest], top_k: int) -> list[TeacherScores]:
@@ -182,14 +256,12 @@ class SGLangEngine(Engine):
         for i, r in enumerate(requests):
             _check_request(r, i, self.name)
 
-        def work(url: str, lo: int, hi: int) -> list[TeacherScores]:
-            body = self._call("POST", f"{url}/generate", fmt.score_payload(requests[lo:hi], top_k), idempotent=True)
-            items = fmt.as_batch(body, hi - lo, f"engine {self.name!r}: {url}/generate")
-            return [fmt.parse_scores(item, requests[lo + i], top_k, self.name,
-                                     f"engine {self.name!r}: {url}/generate (score request {lo + i})")
-                    for i, item in enumerate(items)]
+        def work(url: str, i: int) -> TeacherScores:
+            where = f"engine {self.name!r}: {url}/generate (score request {i})"
+            body = self._call("POST", f"{url}/generate", fmt.score_payload(requests[i], top_k), idempotent=True)
+            return fmt.parse_scores(fmt.single_result(body, where), requests[i], top_k, self.name, where)
 
-        return self._map_chunks(requests, work, idempotent=True)
+        return self._map(requests, work, idempotent=True)
 
     # ------------------------------------------------------------------ weight updates
 
@@ -272,7 +344,8 @@ class SGLangEngine(Engine):
             }
             pending = [self._pool.submit(self._call, "POST", f"{u}/update_weights_from_distributed", body, idempotent=False)
                        for u in self.worker_urls]
-            sending = self._pool.submit(broadcast_tensors, [t for _, t in bucket], group, device)
+            # A daemon thread: a broadcast a dead server never joins must not hold the process at exit.
+            sending = self._sending = _in_daemon_thread(broadcast_tensors, [t for _, t in bucket], group, device)
             # A server that refuses the call never posts its receives: report that at once instead of
             # blocking in the broadcast until the group timeout.
             wait([sending, *pending], return_when=FIRST_EXCEPTION)
@@ -280,12 +353,21 @@ class SGLangEngine(Engine):
                 if f.done() and f.exception() is not None:
                     self._group_broken = f"update_weights_from_distributed of {body['names'][0]!r}... failed"
                     raise f.exception()
-            sending.result()
+            try:
+                sending.result()
+            except Exception as exc:
+                self._group_broken = f"the broadcast of {body['names'][0]!r}... failed"
+                raise EngineError(f"engine {self.name!r}: broadcasting weights to {self.worker_urls} failed: {exc}") from exc
             for f in pending:
                 f.result()
 
     def _ensure_group(self):
-        """Create the NCCL group once: servers join as ranks 1.., this process as rank 0."""
+        """Create the NCCL group once: servers join as ranks 1.., this process as rank 0.
+
+        The rendezvous runs in a daemon thread while the init calls are in flight: a server that
+        refuses the call (or is gone) never joins, so its error ends the wait at once instead of
+        the rendezvous timing out after ``timeout_s``.
+        """
         if self._group_broken:
             raise EngineError(
                 f"engine {self.name!r}: the weight-update group is unusable ({self._group_broken}; a broadcast "
@@ -295,7 +377,7 @@ class SGLangEngine(Engine):
             return self._group
         from mopd.rollout.weight_group import init_custom_process_group
 
-        address = self.sync.master_address or socket.gethostname()
+        address = self.sync.master_address or self.config.weight_sync_address or socket.gethostname()
         port = self.sync.master_port or _free_port()
         world = 1 + self.config.tp * len(self.worker_urls)
         pending = [
@@ -305,10 +387,16 @@ class SGLangEngine(Engine):
             }, idempotent=False)
             for i, u in enumerate(self.worker_urls)
         ]
-        self._group = init_custom_process_group(
-            backend=self.sync.backend, init_method=f"tcp://{address}:{port}", world_size=world, rank=0,
-            group_name=self.sync.group_name, timeout=timedelta(seconds=self.sync.timeout_s),
+        joining = _in_daemon_thread(
+            init_custom_process_group, backend=self.sync.backend, init_method=f"tcp://{address}:{port}",
+            world_size=world, rank=0, group_name=self.sync.group_name, timeout=timedelta(seconds=self.sync.timeout_s),
         )
+        wait([joining, *pending], return_when=FIRST_EXCEPTION)
+        for f in pending:
+            if f.done() and f.exception() is not None:
+                self._group_broken = "a server refused /init_weights_update_group"
+                raise f.exception()
+        self._group = joining.result()
         for f in pending:
             f.result()
         return self._group
@@ -362,13 +450,20 @@ class SGLangEngine(Engine):
         return info
 
     def close(self) -> None:
-        """Stop the thread pool, close connections and leave the weight-update group. Idempotent."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Leave the weight-update group on both ends (``/destroy_weights_update_group``, so a later
+        engine can create it again under the same name), stop the pool, close connections. Idempotent."""
+        if self._group is not None:  # also a broken group: the servers must be able to create it again
+            try:
+                self._control("/destroy_weights_update_group", {"group_name": self.sync.group_name})
+            except EngineError as exc:  # teardown goes on; a later init under this name would fail loudly
+                logger.warning("engine %r: could not destroy the weight-update group: %s", self.name, exc)
+        self._pool.shutdown(wait=not self._group_broken, cancel_futures=True)
         self._http.close()
         if self._group is not None:
             import torch.distributed as dist
 
-            dist.destroy_process_group(self._group)
+            if self._sending is None or self._sending.done():  # not while a broadcast is blocked in it
+                dist.destroy_process_group(self._group)
             self._group = None
         while self.on_close:
             self.on_close.pop()()
@@ -415,6 +510,20 @@ def _buckets(named: Iterable[tuple[str, torch.Tensor]], limit: int) -> Iterator[
         size += t.numel() * t.element_size()
     if bucket:
         yield bucket
+
+
+def _in_daemon_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
+    """``fn(*args, **kwargs)`` in a daemon thread, as a Future (pool threads are joined at exit)."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
+            future.set_exception(exc)
+
+    threading.Thread(target=run, daemon=True, name="sglang-weight-group").start()
+    return future
 
 
 def _free_port() -> int:

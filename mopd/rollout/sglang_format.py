@@ -63,11 +63,15 @@ def sampling_params(sampling: SamplingConfig, seed: int | None) -> dict[str, Any
     return params
 
 
-def generate_payload(prompts: Sequence[Prompt], sampling: SamplingConfig, seeds: Sequence[int | None]) -> dict[str, Any]:
-    """A batch request: one entry per (prompt, sample), behaviour logprobs of the output tokens only."""
+def generate_payload(prompt: Prompt, sampling: SamplingConfig, seed: int | None) -> dict[str, Any]:
+    """One sequence's request: flat ``input_ids`` and one ``sampling_params`` object.
+
+    One object per request, never a list: sgl-router 0.3.2 reads ``sampling_params`` as a struct and
+    answers a batch list with 422, so the same request shape serves a router and a server alike.
+    """
     return {
-        "input_ids": [p.ids.tolist() for p in prompts],
-        "sampling_params": [sampling_params(sampling, s) for s in seeds],
+        "input_ids": prompt.ids.tolist(),
+        "sampling_params": sampling_params(sampling, seed),
         "return_logprob": True,
         "logprob_start_len": -1,
         "top_logprobs_num": 0,
@@ -76,14 +80,14 @@ def generate_payload(prompts: Sequence[Prompt], sampling: SamplingConfig, seeds:
     }
 
 
-def score_payload(requests: Sequence[ScoreRequest], top_k: int) -> dict[str, Any]:
-    """A batch of prefill-only scoring requests with flat base64 top-K."""
-    greedy_zero = {"max_new_tokens": 0, "temperature": 1.0, "top_p": 1.0, "top_k": SCHEMA_TOP_K_ALL, "n": 1}
+def score_payload(request: ScoreRequest, top_k: int) -> dict[str, Any]:
+    """One prefill-only scoring request with flat base64 top-K (a router drops the flat flags and
+    the server answers nested lists, which ``decode_top_logprobs`` reads too)."""
     return {
-        "input_ids": [r.ids.tolist() for r in requests],
-        "sampling_params": [dict(greedy_zero) for _ in requests],
+        "input_ids": request.ids.tolist(),
+        "sampling_params": {"max_new_tokens": 0, "temperature": 1.0, "top_p": 1.0, "top_k": SCHEMA_TOP_K_ALL, "n": 1},
         "return_logprob": True,
-        "logprob_start_len": [int(r.response_start) - 1 for r in requests],
+        "logprob_start_len": int(request.response_start) - 1,
         "top_logprobs_num": int(top_k),
         "return_text_in_logprobs": False,
         "return_flat_raw_top_logprobs": True,
@@ -92,13 +96,13 @@ def score_payload(requests: Sequence[ScoreRequest], top_k: int) -> dict[str, Any
     }
 
 
-def as_batch(body: Any, expected: int, where: str) -> list[dict[str, Any]]:
-    """The list of per-request result objects of a batch answer, checked for length and type."""
-    if isinstance(body, dict) and expected == 1:
-        body = [body]
-    if not isinstance(body, list) or len(body) != expected or not all(isinstance(x, dict) for x in body):
+def single_result(body: Any, where: str) -> dict[str, Any]:
+    """The result object of a one-sequence answer."""
+    if isinstance(body, list) and len(body) == 1:
+        body = body[0]
+    if not isinstance(body, dict):
         got = f"a list of {len(body)}" if isinstance(body, list) else type(body).__name__
-        raise ResponseError(f"{where}: expected a list of {expected} result objects, got {got}")
+        raise ResponseError(f"{where}: expected one result object, got {got}")
     return body
 
 
