@@ -69,8 +69,24 @@ class TokenBytes:
         return b"".join(self.pieces[int(i)] for i in ids)
 
 
+_TABLES: dict[int, tuple[object, TokenBytes]] = {}
+
+
 def token_bytes(tokenizer: PreTrainedTokenizerBase, who: str) -> TokenBytes:
-    """The table of ``tokenizer``; ``who`` ("teacher 'x'", "the student") names it in errors."""
+    """The table of ``tokenizer``; ``who`` ("teacher 'x'", "the student") names it in errors.
+
+    Built once per tokenizer object (a 152k vocabulary takes about a second), so several teachers
+    sharing the student's tokenizer share its table.
+    """
+    cached = _TABLES.get(id(tokenizer))
+    if cached is not None and cached[0] is tokenizer:
+        return cached[1]
+    table = _build(tokenizer, who)
+    _TABLES[id(tokenizer)] = (tokenizer, table)
+    return table
+
+
+def _build(tokenizer: PreTrainedTokenizerBase, who: str) -> TokenBytes:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise TeacherError(f"{who}: tokenizer {type(tokenizer).__name__} is not a fast (tokenizers-backed) "
