@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 
@@ -90,6 +91,9 @@ def _quiet_warnings() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mopd.parallel.layout import hide_cuda_if_forced
+
+    hide_cuda_if_forced(os.environ)  # MOPD_FORCE_CPU=1: before any library initialises CUDA
     _quiet_warnings()
     parser = _parser()
     # Overrides may come before or after options (`plan X --world-size 8 a.b=c`).

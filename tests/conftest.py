@@ -1,10 +1,15 @@
 """Test-wide settings: `@pytest.mark.gpu` tests skip cleanly on machines without a CUDA device; the
 real-model fixtures (tests/real_models.py) are built once per machine and shared by every test."""
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# The CPU tiers stay on the CPU on a GPU node too: every `mopd` process and gloo rank a test starts
+# inherits this (mopd.cli and init_parallel hide the devices); gpu-marked tests drop it (fixture below).
+os.environ.setdefault("MOPD_FORCE_CPU", "1")
 
 from real_models import r1_qwen_tokenizer_dir, smollm2_hf_dir, smollm2_megatron_dir
 
@@ -16,6 +21,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _gpu_tests_use_the_gpu(request, monkeypatch):
+    if "gpu" in request.keywords:
+        monkeypatch.delenv("MOPD_FORCE_CPU", raising=False)
 
 
 # --- real-model fixtures (session-scoped; the folders are read-only: copy before modifying) ---

@@ -87,3 +87,12 @@ def test_activation_bytes_without_sequence_parallel_and_under_full_recompute_mat
     assert layer_activation_bytes_per_token(student, Recompute.none) == want
     assert layer_activation_bytes_per_token(student, Recompute.full) == 4 * 64
     assert layer_activation_bytes_per_token(student, Recompute.selective, ("mlp",)) == want - 2 * 4 * 64 - 3 * 4 * 256 / 2 + 4 * 64
+
+
+def test_the_cli_hides_cuda_first_when_cpu_is_forced(monkeypatch, capsys):
+    monkeypatch.setenv("MOPD_FORCE_CPU", "1")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # restored after the test
+    assert main(["plan", str(RECIPE), "--world-size", "64"]) == 0
+    import os
+
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == ""

@@ -114,12 +114,20 @@ def local_device_index(env: Mapping[str, str]) -> int:
     return 0
 
 
+def hide_cuda_if_forced(env: dict[str, str] | os._Environ) -> bool:
+    """With MOPD_FORCE_CPU=1, set CUDA_VISIBLE_DEVICES="" (CUDA reads it when it initialises, so call
+    this before anything touches torch.cuda: the CLI does it first). Returns whether CPU is forced."""
+    if env.get(FORCE_CPU_ENV, "0").strip() in ("", "0"):
+        return False
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    return True
+
+
 def use_cuda(env: dict[str, str] | os._Environ, cuda_available: Callable[[], bool]) -> bool:
     """Whether the student runs on CUDA. With MOPD_FORCE_CPU=1 the devices are hidden first (which
     works while CUDA is not yet initialised in this process) and a process that still sees one is
     refused, never half-forced: Megatron would mix CUDA and CPU tensors."""
-    if env.get(FORCE_CPU_ENV, "0").strip() not in ("", "0"):
-        env["CUDA_VISIBLE_DEVICES"] = ""
+    if hide_cuda_if_forced(env):
         if cuda_available():
             raise ConfigError(
                 f"{FORCE_CPU_ENV}=1 but CUDA was initialised in this process before mopd could hide the devices; "
