@@ -27,6 +27,7 @@ def build_summary(config: RunConfig, outputs: dict[str, StageOutput], warnings: 
     verdicts = _verdicts(per_domain)
     before_after = {name: rows for name, o in outputs.items() if (rows := _before_after(o))}
     verdicts["plainly"] += _before_after_lines(before_after)
+    verdicts["plainly"] += _efficiency_lines(outputs, per_domain)
     return {
         "run": config.name,
         "metric": "greedy exact-match accuracy on held-out prompts",
@@ -199,3 +200,28 @@ def _curves(ax, output: StageOutput, suffix: str, prefix: str, label: str) -> No
         if points:
             xs, ys = zip(*points)
             ax.plot(xs, ys, label=f"{label}: {key.split('/')[1]}")
+
+
+def _efficiency_lines(outputs: dict[str, StageOutput], rows: dict[str, dict[str, Any]]) -> list[str]:
+    """Teacher tokens the SFT baseline and the student need to reach 90% of the expert, from this run's
+    own periodic evaluations (one seed, coarse); the grid over seeds is bench/efficiency.py."""
+    from mopd.efficiency import ratio_line, stage_curve
+
+    by_role = {o.role: o for o in outputs.values() if o.role in ("base", "student", "sft_baseline")}
+    if "student" not in by_role or "sft_baseline" not in by_role:
+        return []
+    student, sft, base = by_role["student"], by_role["sft_baseline"], by_role.get("base")
+    periodic = all(any(k.startswith("eval/") for r in o.history for k in r) for o in (student, sft))
+    if not periodic or base is None:
+        return ["efficiency at equal teacher tokens: not measured in this run (needs eval.every_steps on the "
+                "student and sft_baseline stages); see python bench/efficiency.py"]
+    lines = []
+    for domain, row in rows.items():
+        if not row.get("teacher") or domain not in base.eval:
+            continue
+        start = base.eval[domain].get("greedy_accuracy")
+        curves = [stage_curve(o.history, o.eval, domain, start=start) for o in (sft, student)]
+        line, _ = ratio_line(domain, *curves, TARGET_FRACTION * row["teacher"])
+        lines.append(f"teacher tokens to 90% of the expert, {line} (this run: one seed, linear between its "
+                     "evaluations; over seeds and budgets: python bench/efficiency.py)")
+    return lines

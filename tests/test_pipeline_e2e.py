@@ -102,6 +102,18 @@ def test_opd_supervises_every_response_token_and_the_sft_baseline_matches_its_bu
     assert budget <= baseline < budget + last_step  # stops at the first step that reaches the budget
 
 
+def test_sft_stages_evaluate_every_n_steps_on_an_engine_synced_with_their_weights(full_run):
+    # eval.every_steps=3: the 6-step experts evaluate at 3 and 6; the one at step 6 sees the final
+    # weights, so it equals the stage-end evaluation (same prompts, same sampling seeds).
+    rows = [r for r in history(full_run, "expert_reverse") if "eval/reverse/greedy_accuracy" in r]
+    assert [r["step"] for r in rows] == [3.0, 6.0]
+    final = json.loads((full_run / "stages" / "expert_reverse" / "output.json").read_text())["eval"]
+    # (periodic evaluations cover the stage's own data.domains, as in opd; the stage-end one every domain)
+    assert rows[-1]["eval/reverse/greedy_accuracy"] == final["reverse"]["greedy_accuracy"]
+    assert rows[-1]["eval/reverse/pass@2"] == final["reverse"]["pass_at"]["2"]
+    assert any("eval/caesar/greedy_accuracy" in r for r in history(full_run, "sft_baseline"))
+
+
 def test_weight_average_is_the_mean_of_the_experts_and_export_loads(full_run):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM

@@ -173,7 +173,8 @@ class EvalConfig:
     max_new_tokens: int | None = None
     """Null: rollout.sampling.max_new_tokens."""
     every_steps: int = 0
-    """Also evaluate every N optimizer steps inside opd stages, on the rollout engine (0: only at the end)."""
+    """Also evaluate every N optimizer steps inside opd and sft stages, on the rollout engine (0: only at the
+    end); the stage's history then holds accuracy against teacher tokens (mopd/efficiency.py)."""
     at_start: bool = False
     """opd stages: also evaluate before the first step; the summary reports that as "before" and the
     stage's final evaluation as "after"."""

@@ -14,6 +14,8 @@ from mopd.errors import ConfigError
 from mopd.rollout.embedded import EmbeddedEngine
 from mopd.stages.batches import REFERENCE, one_hot_scores, reference_rollout, sft_loss_fn
 from mopd.stages.context import RunContext, StageOutput, broadcast
+from mopd.stages.engines import rollout_engine
+from mopd.stages.evaluate import maybe_evaluate
 from mopd.stages.opd import step_sampling
 from mopd.stages.training import finish_stage, fit_to_max_seq_len, log_step, maybe_checkpoint, resume_stage, start_stage, train_on
 from mopd.types import Prompt, Rollout
@@ -26,6 +28,20 @@ def run_sft(ctx: RunContext, stage: StageConfig, config: RunConfig) -> StageOutp
     resume_stage(run)
     loss_fn = sft_loss_fn(config.student, ctx.layout)
     writers = _teacher_writers(ctx, stage, config) if stage.sources and ctx.is_logger else None
+    engine: list = []  # the rollout engine of eval.every_steps, once built (None off rank 0)
+    try:
+        _train(run, config, writers, budget, loss_fn, engine)
+        maybe_checkpoint(run, force=True)
+        if engine:
+            run.student.sync_into(engine, version=run.step)  # the final weights serve the final evaluation
+        return finish_stage(run, engine[0] if engine else None)
+    finally:
+        if engine and engine[0] is not None:
+            engine[0].close()
+
+
+def _train(run, config: RunConfig, writers, budget: int | None, loss_fn, engine: list) -> None:
+    ctx, train = run.ctx, config.student.train
     while _keep_going(run.step, train.steps, run.teacher_tokens, budget):
         rollouts = routing = scores = None
         if ctx.is_logger:
@@ -38,8 +54,20 @@ def run_sft(ctx: RunContext, stage: StageConfig, config: RunConfig) -> StageOutp
         result = train_on(run, rollouts, routing, scores, loss_fn, (REFERENCE,))
         log_step(run, result, {})
         maybe_checkpoint(run)
-    maybe_checkpoint(run, force=True)
-    return finish_stage(run)
+        _periodic_eval(run, engine)
+
+
+def _periodic_eval(run, engine: list) -> None:
+    """``eval.every_steps`` inside sft (an accuracy-over-teacher-tokens curve, bench/efficiency.py): a
+    rollout engine built at the first evaluation, synced with the student's weights before each."""
+    every = run.config.eval.every_steps
+    if every <= 0 or run.step % every:
+        return
+    if engine:
+        run.student.sync_into(engine, version=run.step)
+    else:
+        engine.append(rollout_engine(run))
+    maybe_evaluate(run, engine[0], force=True)
 
 
 def with_pi(prompts: list[Prompt], config: RunConfig, tokenizer) -> list[Prompt]:
