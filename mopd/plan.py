@@ -41,7 +41,7 @@ from mopd.config import Dtype, Fp8Recipe, RunConfig, StudentConfig, padded_vocab
 from mopd.config.model import Recompute
 from mopd.errors import ConfigError
 from mopd.parallel.layout import LayoutPlan, plan_layout
-from mopd.student.hardware import Capabilities, fp8_problems
+from mopd.student.hardware import Capabilities, fp8_problems, fp8_shape_problems
 
 _BYTES = {Dtype.fp32: 4, Dtype.bf16: 2, Dtype.fp16: 2}
 GIB = 2**30
@@ -258,5 +258,6 @@ def make_plan(config: RunConfig, world_size: int) -> Plan:
         recompute=_recompute_label(student, student.train.recompute),
         stages=stages,
         peak_by_recompute=peaks,
-        h100_problems=tuple(fp8_problems(student.precision, H100_WITH_TE)),
+        h100_problems=tuple(fp8_problems(student.precision, H100_WITH_TE)
+                            + fp8_shape_problems(student.model, layout.tp, student.precision.fp8)),
     )

@@ -1,5 +1,7 @@
 """plan_layout is pure arithmetic in Megatron's rank order ("tp-cp-ep-dp-pp"); its errors name the keys.
-(That init_parallel's process groups agree with the plan is checked in test_student_parity.)"""
+The device choice is pure too: the GPU index (LOCAL_RANK, then SLURM_LOCALID), MOPD_FORCE_CPU, the
+process-group timeout. (That init_parallel's groups agree with the plan, run on the CPU with CUDA hidden
+and take the configured timeout is checked in test_student_parity.)"""
 
 from __future__ import annotations
 
