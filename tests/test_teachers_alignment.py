@@ -208,3 +208,15 @@ def test_a_tokenizer_whose_token_bytes_cannot_be_read_is_refused_at_start_up(tok
     teacher = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="[UNK]")
     with pytest.raises(TeacherError, match=r"teacher 'wp': the tokenizer's decoder .*WordPiece"):
         CrossTokenizerTeacher(TeacherConfig(name="wp", top_k=4, tokenizer="x"), None, toks["char"], teacher)
+
+
+def test_text_the_teacher_cannot_spell_ends_the_scored_text_before_it(toks):
+    t = teacher_of(toks, "smollm2", "char")
+    smol = toks["smollm2"]
+    head = smol("abc de", add_special_tokens=False)["input_ids"]
+    ids = head + smol("\x05fg", add_special_tokens=False)["input_ids"] + [smol.eos_token_id]
+    teacher_ids, alignment = t._response(rollout(ids))
+    chunk = alignment.student_chunk()
+    assert t.teacher_bytes.join(teacher_ids) == b"abc de"
+    assert (chunk[: len(head)] >= 0).all() and (chunk[len(head):] == -1).all()
+    check_chunks(t, rollout(ids), teacher_ids, alignment)

@@ -16,7 +16,8 @@ each tokenised by the teacher, and the special tokens themselves, which never cr
 - text must be valid UTF-8 for the teacher's tokenizer to read it: a response cut by its length inside a
   multi-byte character (byte-level BPE pieces are not UTF-8 on their own) is scored up to the last
   student token that ends on a whole character; an invalid byte sequence in the middle ends the scored
-  text there too.
+  text there too, and so does a character the teacher has no token for (its tokenizer gives its unknown
+  token: a character vocabulary meets a control byte a byte-level student sampled).
 Student tokens after the scored text get chunk -1: no teacher signal, counted by the metric
 ``teacher/<name>/unscored_fraction``.
 """
@@ -121,11 +122,14 @@ class Alignment:
 
 
 def align_response(response_ids: Sequence[int], finish: str, student: TokenBytes, teacher: TokenBytes,
-                   vocab_map: VocabMap, encode: Callable[[str, int], list[int]]) -> tuple[list[int], Alignment]:
+                   vocab_map: VocabMap, encode: Callable[[str, int], tuple[list[int], int]]
+                   ) -> tuple[list[int], Alignment]:
     """(the teacher's response ids, the chunks) of one student response (module docstring).
 
     ``encode(text, start)`` is the teacher's tokenisation of a text run that starts at student token
-    ``start`` (it checks the round trips and names the rollout in its errors).
+    ``start`` and how many of its bytes those tokens cover: fewer than all when the teacher meets a
+    character it has no token for (its unknown token), where the scored text then ends. It checks the
+    round trips and names the rollout in its errors.
     """
     ids = [int(i) for i in response_ids]
     teacher_ids: list[int] = []
@@ -144,15 +148,30 @@ def align_response(response_ids: Sequence[int], finish: str, student: TokenBytes
         end = next((j for j in range(k, len(ids)) if ids[j] in student.special), len(ids))
         pieces = [student.pieces[i] for i in ids[k:end]]
         whole = whole_characters(pieces)
+        text_ids, covered = encode(b"".join(pieces[:whole]).decode("utf-8"), k) if whole else ([], 0)
+        if covered < sum(len(p) for p in pieces[:whole]):  # the teacher cannot spell all of it
+            whole = _pieces_within(pieces, covered)
+            text_ids, covered = encode(b"".join(pieces[:whole]).decode("utf-8"), k) if whole else ([], 0)
+            if covered != sum(len(p) for p in pieces[:whole]):  # the shorter text tokenises differently
+                whole, text_ids = 0, []
+            end = -1  # nothing after this run is scored
         if whole:
-            text_ids = encode(b"".join(pieces[:whole]).decode("utf-8"), k)
             for s0, s1, t0, t1 in align_pieces(pieces[:whole], [teacher.pieces[i] for i in text_ids]):
                 chunks.append((k + s0, k + s1, len(teacher_ids) + t0, len(teacher_ids) + t1))
             teacher_ids += text_ids
-        if whole < end - k:
-            break  # invalid UTF-8 (a character cut by the length limit, or garbage bytes): scoring stops
+        if end < 0 or whole < end - k:
+            break  # invalid UTF-8 (a character cut by the length limit, garbage bytes) or unspellable text
         k = end
     return teacher_ids, Alignment(tuple(chunks), len(ids), len(teacher_ids))
+
+
+def _pieces_within(pieces: Sequence[bytes], size: int) -> int:
+    """How many leading ``pieces`` fit in ``size`` bytes."""
+    n, end = 0, 0
+    while n < len(pieces) and end + len(pieces[n]) <= size:
+        end += len(pieces[n])
+        n += 1
+    return n
 
 
 def whole_characters(pieces: Sequence[bytes]) -> int:

@@ -94,16 +94,20 @@ class CrossTokenizerTeacher(Teacher):
         what = f"teacher {self.name!r}, rollout of prompt {rollout.prompt_index}"
         ids = rollout.response_ids.tolist()
 
-        def encode(text: str, start: int) -> list[int]:
+        def encode(text: str, start: int) -> tuple[list[int], int]:
             check_round_trip(self.student_tokenizer, self.student_bytes, _run_of(ids, start, text, self.student_bytes),
                              what)
             out = list(self.teacher_tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
-            got = self.teacher_bytes.join(out)
-            if got != text.encode("utf-8"):
+            unknown = self.teacher_tokenizer.unk_token_id
+            cut = unknown is not None and unknown in out
+            if cut:  # a character it cannot spell: scored up to there
+                out = out[:out.index(unknown)]
+            got, want = self.teacher_bytes.join(out), text.encode("utf-8")
+            if not (got == want or (cut and want.startswith(got))):
                 raise TeacherError(f"{what}: the teacher's tokenizer does not reproduce the response text as bytes "
                                    f"({text[:40]!r} -> {got[:40]!r}); a normaliser or an added prefix space "
                                    "changes it, so its tokens cannot be aligned with the student's")
-            return out
+            return out, len(got)
 
         return align_response(ids, rollout.finish, self.student_bytes, self.teacher_bytes, self.vocab_map, encode)
 
