@@ -173,3 +173,142 @@ def test_vocab_padding_is_the_vocabulary_rounded_up_to_lcm_of_the_divisor_and_tp
     """Hand-computed sizes (make_vocab_size_divisible_by=128): the HF converter and the student share
     one function, so this table is what keeps their checkpoints' embedding shapes right."""
     assert padded_vocab_size(ModelConfig(vocab_size=vocab, make_vocab_size_divisible_by=128), tp) == padded
+
+
+# --- Transformer Engine layer-spec names ------------------------------------------------------------------
+# TE's LayerNormLinear registers its fused norm as "layer_norm_weight" (and "layer_norm_bias" only for LayerNorm):
+# NVIDIA/TransformerEngine transformer_engine/pytorch/module/layernorm_linear.py lines 1449-1465
+# (commit d0067d0d, v2.20.0.dev0). TE itself cannot be imported on CPU machines, so that one name is pinned here;
+# which modules fuse a norm, and which norms disappear, comes from megatron-core's own TE spec function below.
+TE_LAYER_NORM_LINEAR_PARAMS = ("layer_norm_weight", "weight")
+
+
+def _te_spec_layer_parameter_names(monkeypatch, *, qk_layernorm: bool, qkv_bias: bool) -> set[str]:
+    """Parameter names inside one layer built from `get_gpt_layer_with_transformer_engine_submodules`.
+
+    The spec function runs for real with a provider that hands out marker classes in place of
+    TESpecProvider's TE modules (same interface: megatron/core/extensions/transformer_engine_spec_provider.py);
+    walking the submodule tree it returns gives each parameter's module path.
+    """
+    import dataclasses
+    import functools
+
+    from megatron.core.models.gpt import gpt_layer_specs
+    from megatron.core.transformer.identity_op import IdentityFuncOp, IdentityOp
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    class FusedNormLinear:  # TELayerNormColumnParallelLinear
+        pass
+
+    class Linear:  # TEColumnParallelLinear / TERowParallelLinear / TELinear
+        pass
+
+    class Norm:  # TENorm
+        pass
+
+    class NoParameters:  # TEDotProductAttention
+        pass
+
+    class RecordingTESpecProvider:
+        def linear(self):
+            return Linear
+
+        def column_parallel_linear(self):
+            return Linear
+
+        def row_parallel_linear(self):
+            return Linear
+
+        def fuse_layernorm_and_linear(self):
+            return True
+
+        def column_parallel_layer_norm_linear(self):
+            return FusedNormLinear
+
+        def layer_norm(self, rms_norm: bool = False, for_qk: bool = False, has_residual: bool = False):
+            return Norm
+
+        def core_attention(self):
+            return NoParameters
+
+        def activation_func(self):
+            return None
+
+    monkeypatch.setattr(gpt_layer_specs, "TESpecProvider", RecordingTESpecProvider, raising=False)
+    submodules = gpt_layer_specs.get_gpt_layer_with_transformer_engine_submodules(qk_layernorm=qk_layernorm)
+
+    def walk(node, path: tuple[str, ...]):
+        if isinstance(node, ModuleSpec):
+            yield from walk(node.submodules if node.submodules is not None else node.module, path)
+        elif isinstance(node, functools.partial):
+            yield from walk(node.keywords.get("submodules"), path)
+        elif dataclasses.is_dataclass(node) and not isinstance(node, type):
+            for field in dataclasses.fields(node):
+                yield from walk(getattr(node, field.name), (*path, field.name))
+        elif isinstance(node, type) and not issubclass(node, (IdentityOp, IdentityFuncOp)):
+            yield ".".join(path), node
+
+    names = set()
+    for path, module in walk(submodules, ()):
+        if module is FusedNormLinear:
+            names.update(f"{path}.{p}" for p in TE_LAYER_NORM_LINEAR_PARAMS)
+        elif module in (Linear, Norm):
+            names.add(f"{path}.weight")
+        if module in (Linear, FusedNormLinear) and qkv_bias and path == "self_attention.linear_qkv":
+            names.add(f"{path}.bias")  # add_qkv_bias: TransformerConfig.add_qkv_bias gives linear_qkv a bias
+    return names
+
+
+def _tiny_model_config(family: str) -> ModelConfig:
+    hf = _hf_config(family, tie_word_embeddings=False, sliding_window=None, num_hidden_layers=2)
+    return model_config_from_hf(hf)
+
+
+def _local_spec_parameter_names(cfg: ModelConfig) -> set[str]:
+    from mopd.hf.layout import build_gpt, single_process_megatron
+
+    with single_process_megatron(), torch.device("meta"):
+        model = build_gpt(cfg, padded_vocab_size(cfg, 1), torch.float32)
+    return {name for name, _ in model.named_parameters()}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_te_spec_names_are_what_megatron_cores_te_spec_builds(family, monkeypatch):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_submodules
+
+    from mopd.hf.mapping import TE_SPEC_NAMES, local_spec_name
+
+    cfg = _tiny_model_config(family)
+    local = _local_spec_parameter_names(cfg)
+    local_layer0 = {n.removeprefix("decoder.layers.0.") for n in local if n.startswith("decoder.layers.0.")}
+    te_layer = _te_spec_layer_parameter_names(monkeypatch, qk_layernorm=cfg.qk_layernorm, qkv_bias=cfg.add_qkv_bias)
+    assert te_layer != local_layer0 and set(TE_SPEC_NAMES) <= te_layer
+    assert {local_spec_name(f"decoder.layers.0.{n}") for n in te_layer} == {f"decoder.layers.0.{n}" for n in local_layer0}
+    # megatron-core's local spec saves its norms under the same TE names (its checkpoint key map).
+    keys_map = get_gpt_layer_local_submodules(normalization="RMSNorm").sharded_state_dict_keys_map
+    for te_name, local_name in TE_SPEC_NAMES.items():
+        local_prefix = local_name.removesuffix("weight")
+        assert te_name == keys_map[local_prefix] + "weight"
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_megatron_to_hf_gives_the_same_hf_tensors_for_local_and_te_spec_names(family):
+    """Export, weight sync and EMA teachers all stream through megatron_to_hf, so this covers each."""
+    from mopd.hf.mapping import TE_SPEC_NAMES, local_spec_name
+
+    cfg = _tiny_model_config(family)
+    gen = torch.Generator().manual_seed(0)
+    hf = {name: torch.randn(shape, generator=gen) for name, shape in expected_hf_shapes(cfg).items()}
+    padded = padded_vocab_size(cfg, 1)
+    local = {rule.megatron: to_megatron(rule, [hf[n] for n in rule.hf], cfg, padded) for rule in all_rules(cfg)}
+    assert set(local) == _local_spec_parameter_names(cfg)
+    to_te = {local_name: te_name for te_name, local_name in TE_SPEC_NAMES.items()}
+    te = {}
+    for name, tensor in local.items():
+        suffix = name.split(".", 3)[-1] if name.startswith("decoder.layers.") else None
+        te[name.removesuffix(suffix) + to_te[suffix] if suffix in to_te else name] = tensor
+    assert sum(n.endswith("layer_norm_weight") for n in te) == 2 * cfg.num_layers
+    assert all(local_spec_name(n) in local for n in te)
+    for named in (local, te):
+        streamed = dict(megatron_to_hf(named.items(), cfg))
+        assert streamed.keys() == hf.keys() and all(torch.equal(streamed[n], t) for n, t in hf.items())

@@ -1,8 +1,13 @@
 """HF <-> Megatron-Core parameter mapping for Llama-style decoders: the one place that knows both layouts.
 
-Megatron names are the module names of a GPTModel built with the local or TE layer spec
+Megatron names are the module names of a GPTModel built with the local layer spec
 (`decoder.layers.{i}.self_attention.linear_qkv.weight`, layer index global, i.e. counted over all
-pipeline stages). Layout differences:
+pipeline stages). The Transformer Engine spec fuses each layer's two RMSNorms into the linear layer
+after them (TELayerNormColumnParallelLinear), so its parameters are named
+`self_attention.linear_qkv.layer_norm_weight` and `mlp.linear_fc1.layer_norm_weight` instead of
+`input_layernorm.weight` and `pre_mlp_layernorm.weight`; `megatron_to_hf` accepts both (`TE_SPEC_NAMES`).
+Checkpoints need no translation: the local spec saves its norms under the TE names
+(its `sharded_state_dict_keys_map`), so one checkpoint loads into either spec. Layout differences:
 
 - QKV: Megatron fuses q/k/v into one `linear_qkv` whose rows are grouped per query group g:
   `[q heads of g (heads/groups * head_dim rows), k_g (head_dim rows), v_g (head_dim rows)]` for
@@ -60,6 +65,22 @@ _LAYER_RULES: tuple[tuple[str, tuple[str, ...], Kind], ...] = (
     ("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), Kind.fc1),
     ("mlp.linear_fc2.weight", ("mlp.down_proj.weight",), Kind.copy),
 )
+
+
+# TE layer-spec parameter name -> local-spec name (suffix after `decoder.layers.{i}.`). TE's LayerNormLinear
+# registers its norm as `layer_norm_weight` (and `layer_norm_bias` for LayerNorm, which no family here uses).
+TE_SPEC_NAMES = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+}
+
+
+def local_spec_name(name: str) -> str:
+    """`name` with a TE layer-spec fused-norm suffix replaced by the local spec's; other names unchanged."""
+    for te_suffix, local_suffix in TE_SPEC_NAMES.items():
+        if name.endswith("." + te_suffix) and name.startswith("decoder.layers."):
+            return name[: -len(te_suffix)] + local_suffix
+    return name
 
 
 def layer_rules(cfg: ModelConfig, layer: int) -> list[Rule]:
@@ -172,7 +193,8 @@ def megatron_to_hf(source: MegatronSource, cfg: ModelConfig) -> Iterator[tuple[s
       pipeline stage yields its own layers (the tied output layer is skipped; the first stage sends
       the embedding).
     Tensors come out as soon as their Megatron tensor is complete, so memory stays at one tensor
-    group (a fused QKV or gate/up projection), never the model.
+    group (a fused QKV or gate/up projection), never the model. Names may follow the local or the
+    Transformer Engine layer spec (`TE_SPEC_NAMES`).
     """
     if isinstance(source, Sequence) and source and all(isinstance(m, torch.nn.Module) for m in source):
         from mopd.hf.gather import iter_full_megatron_tensors
@@ -181,7 +203,7 @@ def megatron_to_hf(source: MegatronSource, cfg: ModelConfig) -> Iterator[tuple[s
     rules = {rule.megatron: rule for rule in all_rules(cfg)}
     items = source.items() if isinstance(source, Mapping) else source
     for name, tensor in items:
-        rule = rules.get(name)
+        rule = rules.get(local_spec_name(name))
         if rule is None:
             if name.endswith("_extra_state") or name == "output_layer.weight":
                 continue  # TE metadata; the output layer of a tied model duplicates the embedding
@@ -195,5 +217,6 @@ def _heads(cfg: ModelConfig) -> tuple[int, int, int]:
     return heads, groups, cfg.head_dim or cfg.hidden_size // heads
 
 
-__all__ = ["Kind", "Rule", "all_rules", "expected_hf_shapes", "global_rules", "interleave_qkv", "layer_rules",
-           "megatron_to_hf", "pad_vocab", "padded_vocab_size", "split_qkv", "to_hf", "to_megatron"]
+__all__ = ["TE_SPEC_NAMES", "Kind", "Rule", "all_rules", "expected_hf_shapes", "global_rules", "interleave_qkv",
+           "layer_rules", "local_spec_name", "megatron_to_hf", "pad_vocab", "padded_vocab_size", "split_qkv", "to_hf",
+           "to_megatron"]
