@@ -50,3 +50,21 @@ def test_a_tie_with_a_baseline_is_called_a_tie_not_a_win():
     assert summary["domains"]["rev"]["vs_sft_baseline"] == "ties with"
     assert any("ties with sft_baseline (1.000)" in line for line in summary["verdicts"]["plainly"])
     assert summary["verdicts"]["student_beats_sft_baseline_on_every_domain"] is False
+
+
+def test_an_opd_stage_evaluated_at_its_start_reports_accuracy_and_teacher_kl_before_and_after():
+    config = load_config(None, ["distill.teachers=[{name: self, kind: self_pi, shared_pi: rule}]",
+                                "eval.teacher_kl=[self]"])
+    opsd = StageOutput(name="opsd", kind="opd", role="student", hf_dir=None, wall_s=1.0,
+                       eval={"identity": {"greedy_accuracy": 0.625, "teacher_kl": {"self": 0.21}}},
+                       history=[{"step": 0.0, "eval/identity/greedy_accuracy": 0.0,
+                                 "eval/identity/teacher_kl/self": 0.93},
+                                {"step": 1.0, "teacher/self/kl_sample": 0.8}])
+    summary = build_summary(config, {"opsd": opsd}, warnings=[])
+    assert summary["before_after"] == {"opsd": {"identity": {
+        "greedy_accuracy": {"before": 0.0, "after": 0.625},
+        "teacher_kl": {"self": {"before": 0.93, "after": 0.21}}}}}
+    assert ("identity (opsd, before -> after): greedy accuracy 0.000 -> 0.625; KL to self 0.930 -> 0.210 "
+            "nats/token") in summary["verdicts"]["plainly"]
+    no_start = StageOutput(**{**vars(opsd), "history": opsd.history[1:]})
+    assert build_summary(config, {"opsd": no_start}, warnings=[])["before_after"] == {}
