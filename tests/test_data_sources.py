@@ -190,3 +190,35 @@ def test_conversational_prompts_render_every_message_and_keep_the_last_user_text
     with pytest.raises(DataError, match=r"c.jsonl line 1: a prompt is a list of chat messages but the tokenizer "
                                         r"has no chat template"):
         jsonl_source(path, TOK, config(path, max_prompt_tokens=100))
+
+
+def test_prompts_carry_the_conversation_they_render_from_a_prompt_a_system_prompt_or_a_messages_field(tmp_path):
+    tok = build_char_tokenizer()
+    tok.chat_template = TEMPLATE
+    convo = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "rev:ab="}]
+    lines = [json.dumps({"prompt": "rev:abc=", "domain": "reverse", "pi": 7}),
+             json.dumps({"messages": convo, "domain": "reverse"}),
+             json.dumps({"prompt": "rev:x=", "messages": convo, "domain": "reverse"}),  # 3: both
+             json.dumps({"messages": "rev:y=", "domain": "reverse"})]  # 4: not a list
+    path = write_jsonl(tmp_path / "m.jsonl", lines)
+    src = jsonl_source(path, tok, config(path, max_prompt_tokens=100, system_prompt="sys"))
+    first, second = src
+    assert first.messages == ({"role": "system", "content": "sys"}, {"role": "user", "content": "rev:abc="})
+    assert first.ids.tolist() == TOK.encode("<system>sys\n<user>rev:abc=\n<assistant>") and first.pi == "7"
+    assert second.messages == tuple(convo) and second.text == "rev:ab="  # a conversation keeps its own system
+    assert [(b.location, b.reason) for b in src.report.bad] == [(3, BadReason.wrong_type), (4, BadReason.wrong_type)]
+    assert "both 'prompt' and 'messages'" in src.report.bad[0].detail
+    (plain,) = jsonl_source(path := write_jsonl(tmp_path / "p.jsonl", lines[:1]), TOK, config(path))
+    assert plain.messages is None  # no chat template: a plain-text prompt
+    with pytest.raises(DataError, match="data.system_prompt is set, but the tokenizer has no chat template"):
+        jsonl_source(path, TOK, config(path, system_prompt="sys"))
+
+
+def test_a_jsonl_runs_eval_split_reads_data_eval_path(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [json.dumps({"prompt": "rev:abc=", "domain": "reverse"})])
+    held_out = write_jsonl(tmp_path / "eval.jsonl", [json.dumps({"prompt": "rev:xyz=", "domain": "reverse"})])
+    cfg = config(train, eval_path=str(held_out))
+    assert [p.text for p in build_source(cfg, TOK)] == ["rev:abc="]
+    assert [p.text for p in build_source(cfg, TOK, split="eval")] == ["rev:xyz="]
+    with pytest.raises(DataError, match="data.eval_path: JSONL file .*nope.jsonl' does not exist"):
+        build_source(config(train, eval_path=str(tmp_path / "nope.jsonl")), TOK, split="eval")
