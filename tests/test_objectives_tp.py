@@ -29,7 +29,25 @@ def tp_cases() -> dict[str, dict]:
     cases["two teachers"] = dict(
         objectives={0: [ObjectiveConfig(name=ObjectiveName.aopd)],
                     1: [ObjectiveConfig(name=ObjectiveName.rlsd), ObjectiveConfig(coef=0.1)]}, seed=43, teachers=2)
+    cross = [ObjectiveConfig(name=ObjectiveName.reverse_kl_sampled, importance_ratio=True),
+             ObjectiveConfig(name=ObjectiveName.forward_kl_topk), ObjectiveConfig(name=ObjectiveName.uld, coef=0.3)]
+    cases["cross-tokenizer chunks"] = dict(objectives={0: cross}, seed=44, chunked=True)
+    cases["cross-tokenizer chunks, K=14 beyond the shard"] = dict(objectives={0: cross}, seed=45, chunked=True, k=14)
     return cases
+
+
+def with_chunks(batch: TrainBatch) -> TrainBatch:
+    """Cross-tokenizer chunks over make_case's positions: sizes 2, 1, 2, 1, 2 along each row, one single
+    student token against 3 teacher tokens (a ULD position), the last position of row 0 unscored."""
+    b, s = batch.loss_mask.shape
+    pos = torch.arange(s).expand(b, s)
+    chunk = (pos * 2) // 3
+    size = torch.bincount(chunk[0])[chunk]
+    width = torch.where(size == 2, 2, 1).int()
+    width[:, 5] = 3
+    chunk[0, -1] = -1
+    fields = {f: getattr(batch, f) for f in batch.__dataclass_fields__}
+    return TrainBatch(**{**fields, "chunk_index": chunk, "chunk_teacher_tokens": torch.where(chunk >= 0, width, 0)})
 
 
 def _run(logits: torch.Tensor, batch: TrainBatch, objectives, vocab_size: int, group, vocab_start: int):
@@ -49,6 +67,8 @@ def _worker(rank: int, world: int) -> dict[str, tuple]:
         vocab_size = case.get("vocab_size", 21)
         student, batch = make_case(case["seed"], v_pad=V_PAD, vocab_size=vocab_size, k=case.get("k", 5),
                                    teachers=case.get("teachers", 1))
+        if case.get("chunked"):
+            batch = with_chunks(batch)
         full = student.float()
         tp1 = _run(full, batch, case["objectives"], vocab_size, None, 0)
         fields = {f: getattr(batch, f) for f in batch.__dataclass_fields__}
