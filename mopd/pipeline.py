@@ -111,18 +111,10 @@ def _start(config: RunConfig, resume: bool, writes: bool = True) -> RunContext:
 
 
 def load_tokenizer(config: RunConfig):
-    if config.data.tokenizer == "char":
-        from mopd.data.tokenizer import build_char_tokenizer
+    """`data.tokenizer`, checked against `student.model` before any step (mopd.data.tokenizer)."""
+    from mopd.data.tokenizer import load_run_tokenizer
 
-        tokenizer = build_char_tokenizer()
-    else:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(config.data.tokenizer)
-    if len(tokenizer) > config.student.model.vocab_size:
-        raise ConfigError(f"student.model.vocab_size={config.student.model.vocab_size} is smaller than the "
-                          f"tokenizer's {len(tokenizer)} tokens (data.tokenizer={config.data.tokenizer})")
-    return tokenizer
+    return load_run_tokenizer(config.data.tokenizer, config.student.model)
 
 
 _MEGATRON_NOISE = ("GPTModel IS DEPRECATED", "full_param_layout not provided", "async save is deprecated")

@@ -60,3 +60,83 @@ def test_padding_a_batch_pads_right_with_the_pad_id():
     batch = tok(["ab", "abcd"], padding=True)
     assert batch["input_ids"] == [[1, 14, 15, 0, 0], [1, 14, 15, 16, 17]]
     assert batch["attention_mask"] == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+
+
+# --- the start-up check: data.tokenizer against student.model, on real tokenizers --------------------------
+
+import dataclasses  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from mopd.config import ModelConfig  # noqa: E402
+from mopd.errors import ConfigError, TeacherError  # noqa: E402
+
+
+def _smollm2_model(hf_dir: Path, **changes) -> ModelConfig:
+    import json
+
+    from mopd.hf.families import model_config_from_hf
+
+    return dataclasses.replace(model_config_from_hf(json.loads((hf_dir / "config.json").read_text())), **changes)
+
+
+def test_smollm2_tokenizer_fits_its_model_and_the_run_loads_it(smollm2_hf: Path):
+    from mopd.config import load_config
+    from mopd.data.tokenizer import load_run_tokenizer
+    from mopd.pipeline import load_tokenizer
+
+    tok = load_run_tokenizer(str(smollm2_hf), _smollm2_model(smollm2_hf))
+    assert (len(tok), tok.eos_token_id, tok.pad_token_id, tok.bos_token_id) == (49152, 2, 2, 1)
+    config = load_config("tests/assets/tiny_run.yaml", ["student.model.vocab_size=49152",
+                                                        f"data.tokenizer={smollm2_hf}"])
+    assert len(load_tokenizer(config)) == 49152
+
+
+def test_char_tokenizer_with_a_pretrained_models_vocabulary_is_refused_naming_data_tokenizer(smollm2_hf: Path):
+    from mopd.config import load_config
+    from mopd.pipeline import load_tokenizer
+
+    config = load_config("tests/assets/tiny_run.yaml", ["student.model.vocab_size=49152", "data.tokenizer=char"])
+    with pytest.raises(ConfigError, match=r"data.tokenizer='char' has 100 token ids but student.model.vocab_size="
+                                          r"49152.*set data.tokenizer to its HF folder"):
+        load_tokenizer(config)
+
+
+def test_tokenizer_with_more_ids_than_the_model_has_rows_is_refused(smollm2_hf: Path):
+    from mopd.data.tokenizer import load_run_tokenizer
+
+    with pytest.raises(ConfigError, match=r"student.model.vocab_size=49151 is smaller than the tokenizer's 49152"):
+        load_run_tokenizer(str(smollm2_hf), _smollm2_model(smollm2_hf, vocab_size=49151))
+
+
+def test_tokenizer_without_a_pad_token_is_refused_naming_it(smollm2_hf: Path):
+    from transformers import AutoTokenizer
+
+    from mopd.data.tokenizer import check_tokenizer_fits_model
+
+    tok = AutoTokenizer.from_pretrained(str(smollm2_hf))
+    tok.pad_token = None
+    with pytest.raises(ConfigError, match=r"data.tokenizer='smollm2' has no pad token"):
+        check_tokenizer_fits_model(tok, _smollm2_model(smollm2_hf), name="smollm2")
+
+
+def test_a_folder_without_a_tokenizer_is_refused_naming_data_tokenizer(tmp_path: Path):
+    from mopd.data.tokenizer import load_run_tokenizer
+
+    with pytest.raises(ConfigError, match=rf"data.tokenizer='{tmp_path}' cannot be loaded as a tokenizer"):
+        load_run_tokenizer(str(tmp_path), ModelConfig())
+
+
+def test_teacher_check_refuses_another_family_tokenizer_naming_the_teacher(smollm2_hf: Path, r1_qwen_tokenizer: Path):
+    from transformers import AutoTokenizer
+
+    from mopd.teachers.vocab import check_vocab, vocab_differences
+
+    smol = AutoTokenizer.from_pretrained(str(smollm2_hf))
+    r1 = AutoTokenizer.from_pretrained(str(r1_qwen_tokenizer))
+    assert vocab_differences(smol, AutoTokenizer.from_pretrained(str(smollm2_hf))) == []
+    with pytest.raises(TeacherError, match=r"(?s)teacher 'r1_distill': tokenizer does not match the student's.*"
+                                           r"vocab size: student 49152, teacher 152067") as info:
+        check_vocab("r1_distill", smol, r1)
+    assert "eos_token" in str(info.value)

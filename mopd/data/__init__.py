@@ -1,7 +1,8 @@
 """Prompt data. Import from the modules (this package imports nothing, so that light users such as
 ``mopd.data.synthetic`` do not pay for torch and transformers):
 
-- ``tokenizer``: ``build_char_tokenizer()``, the offline character tokenizer of the demo;
+- ``tokenizer``: ``load_run_tokenizer(name, model)``, ``data.tokenizer`` checked against the student model, and
+  ``build_char_tokenizer()``, the offline character tokenizer of the demo;
 - ``synthetic``: registered domains (``reverse``, ``caesar``, ``addition``, ``addition3``, ``sort``),
   ``generate(domain, num, split, seed)``, PI text, ``domain_verifier(domain)``;
 - ``verifiers``: ``verifier(response, reference) -> 1.0 | 0.0`` by name;
