@@ -34,6 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from mopd.errors import ObjectiveError
 from mopd.objectives import policy_gradient as pg
@@ -120,9 +121,14 @@ def one_to_one_divergence(kind: str, x, cfg) -> TermOutput:
 
 
 def sorted_probability_l1(student: Buckets, teacher: Buckets) -> torch.Tensor:
-    """[m] ULD distance: L1 between the two rows' probabilities sorted descending, plus the tails'."""
+    """[m] ULD distance: L1 between the two rows' probabilities sorted descending, plus the tails'.
+
+    Rows of different widths are compared as if the shorter were padded with zeros (ULD's convention for
+    two vocabularies of different sizes)."""
     s = student.logp.exp().sort(dim=1, descending=True).values
     t = teacher.logp.exp().sort(dim=1, descending=True).values
+    width = max(s.shape[1], t.shape[1])
+    s, t = F.pad(s, (0, width - s.shape[1])), F.pad(t, (0, width - t.shape[1]))
     return (s - t).abs().sum(dim=1) + (student.log_tail.exp() - teacher.log_tail.exp()).abs()
 
 
