@@ -303,14 +303,20 @@ def test_a_server_refusing_a_bucket_fails_the_update_at_once_and_the_group_is_no
         c.close()
 
 
-def test_disk_weight_update_writes_safetensors_and_reloads_them(server_reset, reference, tmp_path):
-    c = client_for(server_reset.url, weight_sync="disk", sync=WeightSyncOptions(disk_dir=str(tmp_path)))
+def test_disk_weight_update_writes_safetensors_shards_and_reloads_them(server_reset, reference, tmp_path):
+    from mopd.hf.families import model_config_from_hf
+
+    model = model_config_from_hf(reference.model.config.to_dict())
+    c = client_for(server_reset.url, weight_sync="disk",
+                   sync=WeightSyncOptions(disk_dir=str(tmp_path), model=model, disk_shard_bytes=40_000))
     try:
-        weights = new_weights(reference, seed=2)
+        g = torch.Generator().manual_seed(2)
+        weights = [(n, torch.randn(t.shape, generator=g) * 0.2) for n, t in reference.model.state_dict().items()]
         c.update_weights(weights, version=9)
         reference.update_weights(weights, version=9)
         assert server_reset.calls == ["/pause_generation", "/flush_cache", "/update_weights_from_disk", "/continue_generation"]
-        assert (tmp_path / "v9" / "model.safetensors").is_file()
+        shards = sorted(p.name for p in (tmp_path / "v9").glob("*.safetensors"))
+        assert len(shards) > 1 and (tmp_path / "v9" / "model.safetensors.index.json").is_file(), shards
         assert_same_scores(c.score(score_requests(), top_k=8), reference.score(score_requests(), top_k=8))
         assert c.health().weight_version == 9
     finally:

@@ -12,6 +12,8 @@ pure checks (buckets, checksums, fan-out) run in the test process.
 from __future__ import annotations
 
 import threading
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -241,9 +243,12 @@ def _train_and_sync(layout, cfg: StudentConfig, tmp: str, *, with_sglang: bool) 
 
 
 def _sglang_cases(chunks, cfg: StudentConfig, layout, tmp: str) -> dict:
-    """Sync into protocol servers: rank 0 the sender of one group (distributed, disk), and one
-    group per pipeline stage (staged), each stage's first rank sending its own layers."""
+    """Sync into protocol servers: rank 0 the sender of one group (distributed: the stage-start sync),
+    rank 0 writing a folder (disk), and one group per pipeline stage (staged: the opd loop's
+    ``rollout_weight_sync``, each stage's first rank sending its own layers to two servers)."""
     from mopd.sync import WeightSync
+    from mopd.sync.stage_senders import rollout_weight_sync
+    from mopd.sync.traffic import count_traffic
     from sglang_protocol_server import load_api_types
 
     api = load_api_types()
@@ -251,22 +256,26 @@ def _sglang_cases(chunks, cfg: StudentConfig, layout, tmp: str) -> dict:
     if api is None:
         return row
     for mode, version in (("distributed", 11), ("disk", 12), ("staged", 13)):
-        server = _start_server(cfg, api) if layout.rank == 0 else None
-        shared = [server.url if server else None]
-        torch.distributed.broadcast_object_list(shared, src=0)
-        stage_source = layout.tp_rank == 0 and layout.dp_rank == 0
-        client = _client(shared[0], mode, layout, tmp) if layout.rank == 0 or (mode == "staged" and stage_source) else None
-        bodies = _record_bodies(server) if server else None
-        if mode == "staged":
-            WeightSync(chunks, cfg.model, layout, staged=[client]).sync(version)
-        else:
-            WeightSync(chunks, cfg.model, layout, [client] if client else []).sync(version)
+        servers = [_start_server(cfg, api) for _ in range(2 if mode == "staged" else 1)] if layout.rank == 0 else []
+        client = _client([s.url for s in servers], mode, cfg, tmp) if layout.rank == 0 else None
+        records = [_record_updates(s) for s in servers]
+        with count_traffic() as traffic:
+            if mode == "distributed":
+                sync = WeightSync(chunks, cfg.model, layout, [client] if client else [])
+            else:
+                sync = rollout_weight_sync(chunks, cfg.model, layout, [client] if client else [], client)
+            sync.sync(version)
+        row[f"{mode}_sent_by_broadcast"] = traffic.by_op.get("broadcast", [0, 0])[0]
+        row[f"{mode}_staged"] = [c.name for c in sync.staged]
+        sync.close()
         torch.distributed.barrier()
-        if server is not None:
-            row[mode] = {"calls": list(server.calls), "bodies": bodies, "logits": engine_logits(server.engine),
-                         "health_version": client.health().weight_version}
-            server.stop()
-        if client is not None:
+        if servers:
+            row[mode] = {"calls": [list(s.calls) for s in servers], "updates": records,
+                         "logits": [engine_logits(s.engine) for s in servers],
+                         "health_version": client.health().weight_version,
+                         "files": sorted(p.name for p in (Path(tmp) / "disk" / f"v{version}").glob("*"))}
+            for s in servers:
+                s.stop()
             client.close()
     return row
 
@@ -278,25 +287,37 @@ def _start_server(cfg: StudentConfig, api):
     return ProtocolServer(EmbeddedEngine(hf_model(cfg.model, seed=5), eos_token_ids=[2], pad_token_id=0), api).start()
 
 
-def _client(url: str, mode: str, layout, tmp: str):
+def _client(urls: list[str], mode: str, cfg: StudentConfig, tmp: str):
     from mopd.config import SGLangConfig
     from mopd.rollout.sglang_client import SGLangEngine, WeightSyncOptions
 
     options = WeightSyncOptions(backend="gloo", master_address="127.0.0.1", bucket_bytes=20_000,
-                                group_name=f"mopd-test-{mode}-stage{layout.pp_rank}", disk_dir=f"{tmp}/disk")
-    return SGLangEngine(SGLangConfig(endpoints=[url], weight_sync="disk" if mode == "disk" else "distributed",
+                                group_name=f"mopd-test-{mode}", disk_dir=f"{tmp}/disk", model=cfg.model,
+                                disk_shard_bytes=30_000)
+    return SGLangEngine(SGLangConfig(endpoints=urls, weight_sync="disk" if mode == "disk" else "distributed",
                                      request_timeout_s=60.0), name=f"sglang-{mode}", sync=options)
 
 
-def _record_bodies(server) -> list:
-    bodies, control = [], server.control
+_UPDATE_CALLS = ("/init_weights_update_group", "/update_weights_from_distributed")
+
+
+def _record_updates(server) -> list:
+    """(path, body, start, end) of each control call. Like SGLang's scheduler, the server runs one
+    weight-group call at a time, so two stages sending at once could deadlock two servers."""
+    records, control, one_at_a_time = [], server.control, threading.Lock()
 
     def recording(path, body):
-        bodies.append((path, body))
-        return control(path, body)
+        if path not in _UPDATE_CALLS:
+            records.append((path, body, time.monotonic(), time.monotonic()))
+            return control(path, body)
+        with one_at_a_time:
+            start = time.monotonic()
+            out = control(path, body)
+            records.append((path, body, start, time.monotonic()))
+            return out
 
     server.control = recording
-    return bodies
+    return records
 
 
 class _Lossy:
@@ -428,13 +449,25 @@ def _sglang(results, mode: str) -> dict:
     return root[mode]
 
 
+def _hf_bytes(names) -> int:
+    from mopd.hf.mapping import expected_hf_shapes
+
+    shapes = expected_hf_shapes(student_config(*SGLANG_LAYOUT).model)
+    return sum(torch.Size(shapes[n]).numel() * 4 for n in names)
+
+
+def _updates(got: dict, server: int = 0) -> list[dict]:
+    return [b for p, b, _, _ in got["updates"][server] if p == "/update_weights_from_distributed"]
+
+
 def test_sglang_distributed_sync_runs_the_refit_sequence_in_bounded_buckets_and_matches_the_student(results):
     got = _sglang(results, "distributed")
-    updates = got["calls"].count("/update_weights_from_distributed")
-    assert got["calls"] == ["/init_weights_update_group", "/pause_generation", "/flush_cache", "/begin_weight_update",
-                            *["/update_weights_from_distributed"] * updates,
-                            "/end_weight_update", "/flush_cache", "/continue_generation"]
-    bodies = [b for p, b in got["bodies"] if p == "/update_weights_from_distributed"]
+    calls = got["calls"][0]
+    updates = calls.count("/update_weights_from_distributed")
+    assert calls == ["/init_weights_update_group", "/pause_generation", "/flush_cache", "/begin_weight_update",
+                     *["/update_weights_from_distributed"] * updates,
+                     "/end_weight_update", "/flush_cache", "/continue_generation"]
+    bodies = _updates(got)
     sizes = [sum(torch.Size(s).numel() * 4 for s in b["shapes"]) for b in bodies]
     assert updates >= 2 and all(s <= 20_000 or len(b["names"]) == 1 for s, b in zip(sizes, bodies))
     names = [n for b in bodies for n in b["names"]]
@@ -442,16 +475,22 @@ def test_sglang_distributed_sync_runs_the_refit_sequence_in_bounded_buckets_and_
 
     assert sorted(names) == sorted(expected_hf_shapes(student_config(*SGLANG_LAYOUT).model)) and len(set(names)) == len(names)
     assert {b["weight_version"] for b in bodies} == {"11"} and got["health_version"] == 11
-    diff = (got["logits"] - _last_stage_logits(results, SGLANG_LAYOUT)).abs().max().item()
+    diff = (got["logits"][0] - _last_stage_logits(results, SGLANG_LAYOUT)).abs().max().item()
     assert diff < 1e-4, f"max |server - student| = {diff:.3g}"
+    # rank 0 alone sends every byte: the whole model over its one group
+    assert _hf_bytes(names) <= results[0][SGLANG_LAYOUT]["distributed_sent_by_broadcast"] <= _hf_bytes(names) + 4096
 
 
-def test_sglang_disk_sync_reloads_the_students_weights_end_to_end(results):
+def test_sglang_disk_sync_writes_planned_shards_and_the_server_reloads_the_students_weights(results):
     got = _sglang(results, "disk")
-    assert got["calls"] == ["/pause_generation", "/flush_cache", "/update_weights_from_disk", "/continue_generation"]
+    assert got["calls"][0] == ["/pause_generation", "/flush_cache", "/update_weights_from_disk", "/continue_generation"]
+    shards = [f for f in got["files"] if f.endswith(".safetensors")]
+    assert len(shards) >= 3 and all(f.startswith("model-0000") for f in shards), got["files"]
+    assert "model.safetensors.index.json" in got["files"] and "config.json" in got["files"]
     assert got["health_version"] == 12
-    diff = (got["logits"] - _last_stage_logits(results, SGLANG_LAYOUT)).abs().max().item()
+    diff = (got["logits"][0] - _last_stage_logits(results, SGLANG_LAYOUT)).abs().max().item()
     assert diff < 1e-4, f"max |server - student| = {diff:.3g}"
+    assert results[0][SGLANG_LAYOUT]["disk_staged"] == [], "a disk sync is an in-process consumer on rank 0"
 
 
 def test_verify_names_a_tensor_an_engine_did_not_load_and_other_ranks_finish(results):
@@ -472,23 +511,41 @@ def test_staged_sglang_sync_sends_each_pipeline_stage_from_its_own_rank_inside_o
     from mopd.hf.mapping import expected_hf_shapes
 
     got = _sglang(results, "staged")
-    calls = got["calls"]
-    assert calls[:3] == ["/pause_generation", "/flush_cache", "/begin_weight_update"]
-    assert calls[-3:] == ["/end_weight_update", "/flush_cache", "/continue_generation"]
-    assert sorted(set(calls[3:-3])) == ["/init_weights_update_group", "/update_weights_from_distributed"]
-    assert calls.count("/init_weights_update_group") == 2, "one weight-update group per pipeline stage"
-    bodies = [b for p, b in got["bodies"] if p == "/update_weights_from_distributed"]
-    by_stage: dict[str, list[str]] = {}
-    for b in bodies:
-        by_stage.setdefault(b["group_name"], []).extend(b["names"])
-    assert set(by_stage) == {"mopd-test-staged-stage0", "mopd-test-staged-stage1"}
-    stage0, stage1 = by_stage["mopd-test-staged-stage0"], by_stage["mopd-test-staged-stage1"]
-    assert "model.embed_tokens.weight" in stage0 and all(".layers.1." not in n for n in stage0)
-    assert "lm_head.weight" in stage1 and all(".layers.0." not in n for n in stage1)
-    assert sorted(stage0 + stage1) == sorted(expected_hf_shapes(student_config(*SGLANG_LAYOUT).model))
+    assert [r[SGLANG_LAYOUT]["staged_staged"] for r in results] == [["sglang-staged"], [], ["sglang-staged-stage1"], []]
+    student = _last_stage_logits(results, SGLANG_LAYOUT)
+    for server, calls in enumerate(got["calls"]):
+        calls = [c for c in calls if c != "/destroy_weights_update_group"]  # a stage sender's close()
+        assert calls[:3] == ["/pause_generation", "/flush_cache", "/begin_weight_update"]
+        assert calls[-3:] == ["/end_weight_update", "/flush_cache", "/continue_generation"]
+        assert sorted(set(calls[3:-3])) == ["/init_weights_update_group", "/update_weights_from_distributed"]
+        assert calls.count("/init_weights_update_group") == 2, "one weight-update group per pipeline stage"
+        by_stage: dict[str, list[str]] = {}
+        for b in _updates(got, server):
+            by_stage.setdefault(b["group_name"], []).extend(b["names"])
+        assert set(by_stage) == {"mopd-test-staged", "mopd-test-staged-stage1"}
+        stage0, stage1 = by_stage["mopd-test-staged"], by_stage["mopd-test-staged-stage1"]
+        assert "model.embed_tokens.weight" in stage0 and all(".layers.1." not in n for n in stage0)
+        assert "lm_head.weight" in stage1 and all(".layers.0." not in n for n in stage1)
+        assert sorted(stage0 + stage1) == sorted(expected_hf_shapes(student_config(*SGLANG_LAYOUT).model))
+        diff = (got["logits"][server] - student).abs().max().item()
+        assert diff < 1e-4, f"server {server}: max |server - student| = {diff:.3g}"
     assert got["health_version"] == 13
-    diff = (got["logits"] - _last_stage_logits(results, SGLANG_LAYOUT)).abs().max().item()
-    assert diff < 1e-4, f"max |server - student| = {diff:.3g}"
+    # each stage source sent its own stage's bytes and nothing else; rank 0 never held stage 1's
+    sent = [r[SGLANG_LAYOUT]["staged_sent_by_broadcast"] for r in results]
+    for rank, names in ((0, stage0), (2, stage1)):
+        assert _hf_bytes(names) <= sent[rank] <= _hf_bytes(names) + 4096, (rank, sent[rank], _hf_bytes(names))
+
+
+def test_staged_stage_groups_take_turns_one_group_at_a_time_on_every_server(results):
+    got = _sglang(results, "staged")
+    for server, records in enumerate(got["updates"]):
+        spans: dict[str, list[tuple[float, float]]] = {}
+        for path, body, start, end in records:
+            if path in _UPDATE_CALLS:
+                spans.setdefault(body["group_name"], []).append((start, end))
+        first, second = spans["mopd-test-staged"], spans["mopd-test-staged-stage1"]
+        assert max(e for _, e in first) < min(s for s, _ in second), \
+            f"server {server}: stage 1's group started before stage 0's finished"
 
 
 def test_a_stage_that_fails_to_send_fails_every_rank_and_the_session_still_closes(results):

@@ -39,7 +39,7 @@ from typing import Any
 import httpx
 import torch
 
-from mopd.config import SamplingConfig, SGLangConfig
+from mopd.config import ModelConfig, SamplingConfig, SGLangConfig
 from mopd.errors import EngineError
 from mopd.rollout import sglang_format as fmt
 from mopd.rollout.engine import Engine, Health, ScoreRequest
@@ -128,6 +128,10 @@ class WeightSyncOptions:
     """weight_sync=disk: where each version is written as safetensors."""
     base_model_path: str | None = None
     """weight_sync=disk: config/tokenizer files copied next to the weights."""
+    model: ModelConfig | None = None
+    """weight_sync=disk: the student's architecture, which plans the safetensors shards."""
+    disk_shard_bytes: int = 5 << 30
+    """weight_sync=disk: the largest safetensors shard written."""
 
 
 class SGLangEngine(Engine):
@@ -402,18 +406,26 @@ class SGLangEngine(Engine):
         return self._group
 
     def _update_from_disk(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
-        from safetensors.torch import save_file
+        """Write ``version`` as safetensors shards, each tensor at its planned offset as it arrives
+        (``HFFolderWriter``: never the whole model in memory), then have every server load the folder."""
+        import itertools
 
-        if not self.sync.disk_dir:
-            raise EngineError(f"engine {self.name!r}: weight_sync=disk needs WeightSyncOptions.disk_dir")
+        from mopd.hf.folder import HFFolderWriter
+
+        if not self.sync.disk_dir or self.sync.model is None:
+            raise EngineError(f"engine {self.name!r}: weight_sync=disk needs WeightSyncOptions.disk_dir and .model "
+                              "(the student's architecture plans the shards)")
+        stream = iter(named_tensors)
+        first = next(stream, None)
+        if first is None:
+            raise EngineError(f"engine {self.name!r}: weight_sync=disk got an empty weight stream for version {version}")
         target = Path(self.sync.disk_dir) / f"v{version}"
-        target.mkdir(parents=True, exist_ok=True)
-        if self.sync.base_model_path:
+        writer = HFFolderWriter(target, self.sync.model, dtype=first[1].dtype, max_shard_bytes=self.sync.disk_shard_bytes)
+        writer.update_weights(itertools.chain([first], stream), version)
+        if self.sync.base_model_path:  # the served model's own config and tokenizer files
             for f in Path(self.sync.base_model_path).iterdir():
                 if f.is_file() and not f.name.endswith((".safetensors", ".bin", ".index.json")):
                     shutil.copy2(f, target / f.name)
-        tensors = {n: t.detach().cpu().contiguous() for n, t in named_tensors}
-        save_file(tensors, str(target / "model.safetensors"))
         with self._paused():
             self._control("/update_weights_from_disk", {
                 "model_path": str(target), "weight_version": str(version), "flush_cache": True, "abort_all_requests": False,

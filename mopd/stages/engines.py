@@ -35,7 +35,8 @@ def new_rollout_engine(config: RunConfig, tokenizer, stage_dir) -> Engine:
         from mopd.rollout.sglang_client import WeightSyncOptions
         from mopd.rollout.sglang_launcher import sglang_engine
 
-        sync = WeightSyncOptions(disk_dir=str(stage_dir / "weight_sync"), base_model_path=config.rollout.sglang.model_path)
+        sync = WeightSyncOptions(disk_dir=str(stage_dir / "weight_sync"), base_model_path=config.rollout.sglang.model_path,
+                                 model=config.student.model)
         return sglang_engine(config.rollout.sglang, name="rollout", sync=sync)
     return hf_engine(config.student.model, tokenizer, name="rollout")
 

@@ -38,6 +38,7 @@ from mopd.stages.training import (
     train_on,
 )
 from mopd.sync import WeightSync
+from mopd.sync.stage_senders import rollout_weight_sync
 from mopd.teachers import score_batch
 
 
@@ -50,7 +51,8 @@ def run_opd(ctx: RunContext, stage: StageConfig, config: RunConfig) -> StageOutp
     teachers = build_teacher_set(ctx, run, config)  # before resuming: self-teachers keep the initial weights
     teachers.restore(resume_stage(run), version=run.step)
     engine = rollout_engine(run)
-    sync = WeightSync(run.student.chunks, config.student.model, ctx.layout, teachers.consumers(engine))
+    # SGLang over NCCL: each pipeline stage's first rank sends its own layers (mopd.sync.stage_senders)
+    sync = rollout_weight_sync(run.student.chunks, config.student.model, ctx.layout, teachers.consumers(engine), engine)
     loss_fn = loss_fn_for(config.student, ctx.layout, teachers.objectives, teachers.names, teachers.coefs)
     alarm, prefetch = Alarm(config.diagnostics), Prefetch(config.rollout.max_staleness)
     kl_teachers = teachers.named(config.eval.teacher_kl)
@@ -63,6 +65,7 @@ def run_opd(ctx: RunContext, stage: StageConfig, config: RunConfig) -> StageOutp
         return finish_stage(run, engine, teachers=kl_teachers)
     finally:
         prefetch.close()
+        sync.close()  # the stage senders' clients and groups
         if engine is not None:
             engine.close()  # SGLang: stops servers this run launched
 

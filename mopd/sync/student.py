@@ -12,12 +12,16 @@ Who does what (Megatron rank order: tp fastest, then dp, then pp):
 * The *stage source*, the first rank of each stage (tp_rank 0, dp_rank 0), holds each full tensor of
   its stage in turn.
 * Staged consumers (``staged``: an SGLang client per stage source, each with its own weight-update
-  group, as DESIGN.md §11 places them): global rank 0 opens the update session (pause, flush,
-  begin), every stage source broadcasts its own layers, rank 0 closes it (end, flush, continue).
-* In-process consumers (``consumers``: embedded engine, EMA self-teacher, or an SGLang client whose
-  single group has rank 0 as sender) live on global rank 0, stage 0's source. Rank 0 streams stage 0
-  itself, then receives stages 1..pp-1 from their sources one HF tensor at a time (point-to-point
-  over the default group: a header object, then the tensor), never a stage at once.
+  group, as DESIGN.md §11 places them; ``stage_senders.rollout_weight_sync`` builds them): global
+  rank 0 opens the update session (pause, flush, begin), the stage sources broadcast their own
+  layers one stage after the other (never two at once: see ``_sync_staged``), rank 0 closes it
+  (end, flush, continue). No weight passes through rank 0 but stage 0's.
+* In-process consumers (``consumers``: embedded engine, EMA self-teacher, an SGLang client syncing
+  from disk, or one whose single group has rank 0 as sender) live on global rank 0, stage 0's
+  source. Rank 0 streams stage 0 itself, then receives stages 1..pp-1 from their sources one HF
+  tensor at a time (point-to-point over the default group: a header object, then the tensor), never
+  a stage at once. That every byte reaches rank 0 here is inherent: the consumer is in rank 0's
+  process.
 
 Memory bound per sync. A TP rank: one parameter's shards plus its gathered copy. A stage source:
 additionally the HF tensors of one Megatron tensor group (a fused QKV or gate/up: ~2x its size), and
@@ -82,11 +86,12 @@ class WeightSync:
     in-process engine holds (an EMA teacher holds its average, not the student: not compared).
     Construction is itself collective (the ranks agree which rounds run). With both kinds of consumer
     a sync walks the model twice (staged round, then in-process round): two passes of TP gathers.
+    ``owned``: clients built for this sync (``stage_senders.rollout_weight_sync``), closed by ``close``.
     """
 
     def __init__(self, model_chunks: list[torch.nn.Module], model_cfg: ModelConfig, layout,
                  consumers: Sequence[WeightConsumer] = (), *, staged: Sequence[StagedConsumer] = (),
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, verify: bool = False) -> None:
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, verify: bool = False, owned: Sequence = ()) -> None:
         if bucket_bytes <= 0:
             raise ValueError(f"WeightSync: bucket_bytes must be positive, got {bucket_bytes}")
         names = [c.name for c in consumers]
@@ -96,6 +101,7 @@ class WeightSync:
         self.consumers = list(consumers) if layout.rank == 0 else []
         self.staged = list(staged) if self.is_stage_source else []
         self.bucket_bytes, self.verify = bucket_bytes, verify
+        self.owned = list(owned)
         rounds = torch.tensor([len(self.consumers), len(self.staged)], device=layout.device)  # NCCL: on the GPU
         dist.all_reduce(rounds, op=dist.ReduceOp.MAX)
         self._in_process_round, self._staged_round = bool(rounds[0]), bool(rounds[1])
@@ -170,30 +176,45 @@ class WeightSync:
         return count, nbytes
 
     def _sync_staged(self, version: int, role: str) -> None:
-        """Rank 0 opens the session, each stage source sends its layers, rank 0 closes it.
+        """Rank 0 opens the session; stage by stage, that stage's source sends its layers over its
+        own group while every other rank waits; rank 0 closes the session.
 
-        Every failure is shared with all ranks (one all_gather of messages), so they raise together
-        and nobody waits on a broadcast that will not come.
+        One stage at a time (gpu_path_review.md B3): a server runs one update call at a time (its
+        scheduler blocks in the broadcast), so with two stages sending at once two servers could take
+        the stage groups in opposite orders and each wait for the other: a cross-group deadlock. The
+        same holds for a stage group's first ``/init_weights_update_group``, made inside the stage's
+        turn. Every failure is shared with all ranks, so they raise together and nobody waits on a
+        broadcast that will not come; the stages after a failed one do not send.
         """
         opened = [None]
         if role == "root":
             opened[0] = _attempt(lambda: [c.begin_staged_update() for c in self.staged])
         dist.broadcast_object_list(opened, src=0)
-        problem = opened[0]
-        if problem is None and self.is_stage_source and self.layout.dp_rank == 0:
-            problem = _attempt(lambda: self._send_staged(version))
-        elif problem is None and role == "gather":
-            _drain(self._gathers())
-        problems: list = [None] * self.layout.world_size
-        dist.all_gather_object(problems, problem)
+        failure = (0, opened[0]) if opened[0] else None
+        if failure is None:
+            failure = self._staged_turns(version)
         if role == "root" and opened[0] is None:
             closed = _attempt(lambda: [c.end_staged_update(version) for c in self.staged])
-            problems[0] = problems[0] or closed
-        dist.broadcast_object_list(problems, src=0)
-        failed = [(r, p) for r, p in enumerate(problems) if p]
-        if failed:
-            rank, message = failed[0]
+            failure = failure or ((0, closed) if closed else None)
+        verdict = [failure]
+        dist.broadcast_object_list(verdict, src=0)
+        if verdict[0]:
+            rank, message = verdict[0]
             raise EngineError(f"staged weight sync of version {version} failed on rank {rank}: {message}")
+
+    def _staged_turns(self, version: int) -> tuple[int, str] | None:
+        """Each stage's turn in order; (source rank, message) of the first stage that failed, or None."""
+        for stage, source in enumerate(self.stage_sources()):
+            outcome = [None]
+            if self.layout.pp_rank == stage and self.layout.dp_rank == 0:
+                if self.is_stage_source:
+                    outcome[0] = _attempt(lambda: self._send_staged(version))
+                else:
+                    _drain(self._gathers())
+            dist.broadcast_object_list(outcome, src=source)  # the end of this stage's turn, on every rank
+            if outcome[0]:
+                return source, outcome[0]
+        return None
 
     def _send_staged(self, version: int) -> None:
         stream = self.local_stream()
@@ -204,6 +225,11 @@ class WeightSync:
                 fan_out(stream, [_AsConsumer(c) for c in self.staged], version, self.bucket_bytes)
         finally:
             _drain(stream)  # the TP peers are inside this stream's all_gathers
+
+    def close(self) -> None:
+        """Close the clients this sync built (not the consumers it was given). Idempotent."""
+        while self.owned:
+            self.owned.pop().close()
 
     # -------------------------------------------------------------- in-process consumers on rank 0
 
