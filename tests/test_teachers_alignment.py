@@ -19,7 +19,7 @@ from mopd.errors import TeacherError
 from mopd.teachers.alignment import align_pieces
 from mopd.teachers.build import configured_tokenizer
 from mopd.teachers.cross import CrossTokenizerTeacher
-from mopd.types import Rollout
+from mopd.types import Rollout, TeacherScores
 
 sys.path.insert(0, str(Path(__file__).parent))
 from real_models import r1_qwen_tokenizer_dir, smollm2_hf_dir  # noqa: E402
@@ -74,7 +74,11 @@ def check_chunks(t: CrossTokenizerTeacher, r: Rollout, teacher_ids: list[int], a
             assert s_bytes == t_bytes
             assert not any(i in t.teacher_bytes.special for i in teacher_ids[t0:t1])
         prev_s, prev_t = s1, t1
-    assert prev_t == len(teacher_ids)
+    if alignment.cut is None:
+        assert prev_t == len(teacher_ids)
+    else:  # the teacher's last token is the probe after the scored text, its EOS
+        assert alignment.cut == prev_s and prev_t == len(teacher_ids) - 1
+        assert teacher_ids[-1] == t.teacher_bytes.eos_id
 
 
 def noncanonical(tok, text: str) -> list[int]:
@@ -113,8 +117,8 @@ def test_a_response_cut_inside_a_character_is_scored_up_to_the_last_whole_charac
     teacher_ids, alignment = t._response(r)
     chunk = alignment.student_chunk()
     whole = max(k for k in range(cut + 1) if _valid(b"".join(pieces[:k])))
-    assert (chunk[:whole] >= 0).all() and (chunk[whole:] == -1).all() and whole < cut
-    assert t.teacher_bytes.join(teacher_ids) == b"".join(pieces[:whole])
+    assert (chunk[:whole] >= 0).all() and alignment.cut == whole < cut and (chunk[whole + 1:] == -1).all()
+    assert t.teacher_bytes.join(teacher_ids[:-1]) == b"".join(pieces[:whole])
     check_chunks(t, r, teacher_ids, alignment)
 
 
@@ -147,8 +151,8 @@ def test_special_tokens_never_cross_as_text(toks):
     ids = head + [start] + smol(" more", add_special_tokens=False)["input_ids"] + [smol.eos_token_id]
     teacher_ids, alignment = t._response(rollout(ids))
     chunk = alignment.student_chunk()
-    assert (chunk[: len(head)] >= 0).all() and (chunk[len(head):] == -1).all()
-    assert t.teacher_bytes.join(teacher_ids) == b"first part"
+    assert (chunk[: len(head)] >= 0).all() and alignment.cut == len(head) and (chunk[len(head) + 1:] == -1).all()
+    assert t.teacher_bytes.join(teacher_ids[:-1]) == b"first part"
 
 
 def test_the_teacher_reads_the_conversation_in_its_own_chat_template(toks):
@@ -217,6 +221,35 @@ def test_text_the_teacher_cannot_spell_ends_the_scored_text_before_it(toks):
     ids = head + smol("\x05fg", add_special_tokens=False)["input_ids"] + [smol.eos_token_id]
     teacher_ids, alignment = t._response(rollout(ids))
     chunk = alignment.student_chunk()
-    assert t.teacher_bytes.join(teacher_ids) == b"abc de"
-    assert (chunk[: len(head)] >= 0).all() and (chunk[len(head):] == -1).all()
+    assert t.teacher_bytes.join(teacher_ids[:-1]) == b"abc de"
+    assert (chunk[: len(head)] >= 0).all() and alignment.cut == len(head) and (chunk[len(head) + 1:] == -1).all()
     check_chunks(t, rollout(ids), teacher_ids, alignment)
+
+
+def test_the_cut_token_is_scored_against_the_teachers_distribution_after_the_scored_text(toks):
+    """A student cannot escape the teacher by writing what it cannot read: the first token after the scored
+    text gets the teacher's next-token top-K there, and its probability (a same-bytes entry, else the tail)."""
+    import math
+
+    from mopd.teachers.cross import to_student_scores
+
+    t = teacher_of(toks, "smollm2", "char")
+    smol, char = toks["smollm2"], toks["char"]
+    head = smol("ab", add_special_tokens=False)["input_ids"]
+    for tail_text, in_topk in (("\x05", False), ("c", True)):
+        ids = head + smol(tail_text, add_special_tokens=False)["input_ids"]
+        if in_topk:  # pretend the text ended on a character it cannot spell right after "ab"
+            _, alignment = t._response(rollout(head + smol("\x05", add_special_tokens=False)["input_ids"]))
+        else:
+            _, alignment = t._response(rollout(ids))
+        nt = alignment.num_teacher
+        probe_ids = torch.tensor([[char.convert_tokens_to_ids("c"), char.convert_tokens_to_ids("d")]] * nt)
+        probe_lp = torch.log(torch.tensor([[0.5, 0.3]] * nt))
+        teacher = TeacherScores(topk_ids=probe_ids.int(), topk_logprobs=probe_lp, sampled_logprob=torch.full((nt,), -1.0),
+                                tail_logmass=torch.full((nt,), math.log(0.2)), teacher="c")
+        scores = to_student_scores(alignment, teacher, t.vocab_map, 2, "c", cut_token=ids[alignment.cut])
+        row = alignment.cut
+        assert scores.topk_ids[row].tolist() == [smol.convert_tokens_to_ids("c"), smol.convert_tokens_to_ids("d")]
+        expected = math.log(0.5) if in_topk else math.log(0.2)
+        assert float(scores.sampled_logprob[row]) == pytest.approx(expected)
+        assert int(scores.chunks.teacher_tokens[row]) == 1

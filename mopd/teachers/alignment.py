@@ -18,7 +18,13 @@ each tokenised by the teacher, and the special tokens themselves, which never cr
   student token that ends on a whole character; an invalid byte sequence in the middle ends the scored
   text there too, and so does a character the teacher has no token for (its tokenizer gives its unknown
   token: a character vocabulary meets a control byte a byte-level student sampled).
-Student tokens after the scored text get chunk -1: no teacher signal, counted by the metric
+The first student token after the scored text (the "cut" token) still gets the teacher's view: the
+teacher is asked for its next-token distribution right after the scored text (a probe position), which
+is the context the student sampled that token in. It is scored as a 1:1 chunk: top-K divergences use
+the probe's mapped top-K, and the chunk reverse KL uses the teacher's log-probability of a token of the
+same bytes when it is in that top-K, else the probe's tail log-mass (an upper bound of the teacher's
+probability of it). So a student cannot escape supervision by writing what the teacher cannot read.
+Student tokens after the cut token get chunk -1: no teacher signal, counted by the metric
 ``teacher/<name>/unscored_fraction``.
 """
 
@@ -111,13 +117,19 @@ class Alignment:
     num_student: int
     """All of the rollout's response tokens (scored or not)."""
     num_teacher: int
-    """The teacher's response tokens (its EOS included when scored)."""
+    """The teacher's response tokens (its EOS included when scored, the probe when cut)."""
+    cut: int | None = None
+    """When the scored text ends before the response does: the first student token after it. The teacher's
+    last token is then a probe (its EOS) whose row is the teacher's next-token distribution after the
+    scored text, the same context that student token was sampled in."""
 
     def student_chunk(self) -> torch.Tensor:
-        """[num_student] int64 chunk of each student token; -1 for tokens outside the scored text."""
+        """[num_student] int64 chunk of each student token (the cut token is the last chunk); -1 after it."""
         out = torch.full((self.num_student,), -1, dtype=torch.long)
         for c, (s0, s1, _, _) in enumerate(self.chunks):
             out[s0:s1] = c
+        if self.cut is not None:
+            out[self.cut] = len(self.chunks)
         return out
 
 
@@ -160,8 +172,12 @@ def align_response(response_ids: Sequence[int], finish: str, student: TokenBytes
                 chunks.append((k + s0, k + s1, len(teacher_ids) + t0, len(teacher_ids) + t1))
             teacher_ids += text_ids
         if end < 0 or whole < end - k:
+            k += whole
             break  # invalid UTF-8 (a character cut by the length limit, garbage bytes) or unspellable text
         k = end
+    if k < len(ids):  # cut: probe the teacher's next-token distribution where the scored text ends
+        teacher_ids.append(teacher.eos_id)
+        return teacher_ids, Alignment(tuple(chunks), len(ids), len(teacher_ids), cut=k)
     return teacher_ids, Alignment(tuple(chunks), len(ids), len(teacher_ids))
 
 

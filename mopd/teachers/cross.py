@@ -20,7 +20,9 @@ student's positions, one row per student response token:
   get probability 0 and their mass joins the tail bucket; entries mapping to one student id are merged;
 - the first student token of a wider chunk: the teacher's raw top-K log-probabilities (sorted-probability
   terms need no ids) with placeholder ids ``0..K-1``; other tokens and unscored ones: the uniform
-  placeholder of ``build_train_batches``. Objectives read these rows only through
+  placeholder of ``build_train_batches``;
+- the cut token (``Alignment.cut``): the probe row mapped like a 1:1 chunk, its sampled log-probability
+  the teacher's for a token of the same bytes if the mapped top-K has it, else the probe's tail log-mass. Objectives read these rows only through
   ``mopd.objectives.cross_vocab``, which knows which is which.
 """
 
@@ -144,7 +146,8 @@ class CrossTokenizerTeacher(Teacher):
                 continue
             r, _, alignment = p
             teacher = by_id.get(id(p))
-            out.append(to_student_scores(alignment, teacher, self.vocab_map, top_k, self.name))
+            cut_token = int(r.response_ids[alignment.cut]) if alignment.cut is not None else None
+            out.append(to_student_scores(alignment, teacher, self.vocab_map, top_k, self.name, cut_token))
         return out
 
     def _engine_scores(self, reqs: list[ScoreRequest], top_k: int) -> list[TeacherScores]:
@@ -167,8 +170,9 @@ class CrossTokenizerTeacher(Teacher):
 
 
 def to_student_scores(alignment: Alignment, teacher: TeacherScores | None, vocab_map: VocabMap, k: int,
-                      name: str) -> TeacherScores:
-    """The teacher's per-teacher-token scores on the student's positions (module docstring)."""
+                      name: str, cut_token: int | None = None) -> TeacherScores:
+    """The teacher's per-teacher-token scores on the student's positions (module docstring); ``cut_token``
+    is the student's token at ``alignment.cut`` (scored against the teacher's probe row)."""
     n = alignment.num_student
     placeholder = -math.log(k + 1)
     ids = torch.arange(k, dtype=torch.int32).expand(n, k).clone()
@@ -184,7 +188,7 @@ def to_student_scores(alignment: Alignment, teacher: TeacherScores | None, vocab
         t_firsts = torch.tensor([c[2] for c in alignment.chunks])
         spans = torch.tensor([[c[1] - c[0], c[3] - c[2]] for c in alignment.chunks])
         t_chunk = torch.repeat_interleave(torch.arange(len(alignment.chunks)), spans[:, 1])
-        sampled[firsts] = torch.zeros(len(alignment.chunks)).index_add_(0, t_chunk, t_sampled)
+        sampled[firsts] = torch.zeros(len(alignment.chunks)).index_add_(0, t_chunk, t_sampled[:t_chunk.numel()])
         for c, (s0, s1, _, _) in enumerate(alignment.chunks):
             width[s0:s1] = int(spans[c, 1])
         one = (spans[:, 0] == 1) & (spans[:, 1] == 1)
@@ -192,6 +196,16 @@ def to_student_scores(alignment: Alignment, teacher: TeacherScores | None, vocab
         tail[firsts[~one]] = t_tail[t_firsts[~one]]
         m_ids, m_lp, m_tail = map_topk(t_ids[t_firsts[one]], t_lp[t_firsts[one]], t_tail[t_firsts[one]], vocab_map)
         ids[firsts[one]], logprobs[firsts[one]], tail[firsts[one]] = m_ids.to(torch.int32), m_lp, m_tail
+    if teacher is not None and alignment.cut is not None:
+        probe = alignment.num_teacher - 1
+        c_ids, c_lp, c_tail = map_topk(teacher.topk_ids[probe:probe + 1].long(),
+                                       teacher.topk_logprobs[probe:probe + 1].float(),
+                                       teacher.tail_logmass[probe:probe + 1].float(), vocab_map)
+        p = alignment.cut
+        ids[p], logprobs[p], tail[p] = c_ids[0].to(torch.int32), c_lp[0], c_tail[0]
+        hit = (c_ids[0] == cut_token) & (c_lp[0] > float("-inf"))
+        sampled[p] = c_lp[0][hit][0] if bool(hit.any()) else c_tail[0]
+        width[p] = 1
     return _with_chunks(TeacherScores(topk_ids=ids, topk_logprobs=logprobs, sampled_logprob=sampled,
                                       tail_logmass=tail, teacher=name), chunk, width)
 
