@@ -26,6 +26,7 @@ from mopd.stages.evaluate import run_eval
 from mopd.stages.export import run_export
 from mopd.stages.opd import run_opd
 from mopd.stages.sft import run_sft
+from mopd.stages.training import check_init_sources
 from mopd.summary import build_summary, write_summary
 
 STAGES = {
@@ -43,6 +44,7 @@ def run_pipeline(config: RunConfig, *, resume: bool = False) -> Path:
         raise ConfigError("stages: the config lists no stages to run")
     # Every stage's overrides are applied and validated now, not hours into the run.
     stage_configs = {stage.name: _stage_config(config, stage) for stage in config.stages}
+    check_init_sources(config.stages, stage_configs)  # and every checkpoint a stage starts from
     ctx = _start(config, resume)
     try:
         for stage in config.stages:

@@ -135,3 +135,35 @@ def test_a_bad_stage_override_is_reported_before_anything_runs(tmp_path):
     with pytest.raises(ConfigError, match="stage 'b'.*student.train.steps=0"):
         run_pipeline(config)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("key", ["checkpoint.load", "checkpoint.dir"])
+def test_removed_checkpoint_keys_are_refused_naming_the_key_and_what_to_use(key, tmp_path):
+    section, name = key.split(".")
+    (tmp_path / "old.yaml").write_text(f"{section}:\n  {name}: /ckpt/model-mcore\n")
+    message = error_of([], str(tmp_path / "old.yaml"))
+    assert message.startswith(f"{key}: unknown key")
+    if key == "checkpoint.load":
+        assert "init_from" in message and "tools/convert_hf.py import" in message
+    assert error_of([f"{key}=/x"]).startswith(f"{key}: unknown key")
+
+
+def test_an_override_reaches_into_a_list_element_with_either_syntax(tmp_path):
+    (tmp_path / "run.yaml").write_text("distill:\n  teachers:\n    - {name: a, top_k: 8, domains: [x]}\n"
+                                       "    - {name: b, objectives: [{name: forward_kl_topk}]}\n")
+    config = load_config(tmp_path / "run.yaml", ["distill.teachers.0.top_k=32", "distill.teachers[1].top_k=16",
+                                                 "distill.teachers[1].objectives.0.entry_clip=0.1",
+                                                 "distill.teachers.0.domains[0]=y"])
+    a, b = config.distill.teachers
+    assert (a.name, a.top_k, a.domains, b.name, b.top_k, b.objectives[0].entry_clip) == ("a", 32, ["y"], "b", 16, 0.1)
+    # later overrides see earlier ones, whole-list and element overrides alike
+    later = load_config(tmp_path / "run.yaml", ["distill.teachers=[{name: c}]", "distill.teachers.0.top_k=4"])
+    assert [(t.name, t.top_k) for t in later.distill.teachers] == [("c", 4)]
+
+
+def test_a_bad_list_element_override_names_the_element():
+    base = ["distill.teachers=[{name: a}, {name: b}]"]
+    assert "distill.teachers[5] does not exist (distill.teachers has 2 element(s)); set the whole list" in error_of(
+        [*base, "distill.teachers[5].top_k=3"])
+    assert "distill.teachers[0].topk: unknown key" in error_of([*base, "distill.teachers.0.topk=3"])
+    assert "distill.teachers[0].top_k" in error_of([*base, "distill.teachers[0].top_k=abc"])

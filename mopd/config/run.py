@@ -134,17 +134,29 @@ class DataConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class CheckpointConfig:
-    dir: str | None = None
-    """Where checkpoints go; null means runs/<name>/checkpoints."""
+    """Training checkpoints, written under each stage's folder (runs/<name>/stages/<stage>/checkpoints).
+
+    A run starts from pretrained weights through the first training stage's `init_from` (a folder written
+    by `convert_hf.py import`), not through this section (REMOVED_KEYS)."""
+
     save_every: int = 0
     """Save every N optimizer steps (0: only at the end of a stage)."""
     keep_last: int = 2
     """Older checkpoints are deleted once a newer one is complete."""
-    load: str | None = None
-    """Initial weights: a Megatron checkpoint dir, an HF dir, or the name of an earlier stage."""
 
     def problems(self) -> list[Problem]:
         return at_least(self, 0, "save_every") + positive(self, "keep_last")
+
+
+_INIT_FROM_HINT = ("start from pretrained weights with the first training stage's init_from: a Megatron folder "
+                   "written by `python tools/convert_hf.py import --hf-dir HF --megatron-dir OUT --tp N` "
+                   "(stages: [{name: ..., kind: opd, init_from: OUT}])")
+REMOVED_KEYS: dict[str, str] = {
+    "checkpoint.load": f"checkpoint.load was never read; {_INIT_FROM_HINT}",
+    "checkpoint.dir": "checkpoint.dir was never read: checkpoints go under each stage's folder "
+                      "(<output_dir>/<name>/stages/<stage>/checkpoints); set output_dir or name to move them",
+}
+"""Keys mopd no longer has, with what to do instead (the loader's unknown-key error shows it)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -238,7 +250,8 @@ class StageConfig:
     name: str
     kind: StageKind
     init_from: str | None = None
-    """Name of an earlier stage (or a path) whose checkpoint this stage starts from."""
+    """Name of an earlier stage whose weights this stage starts from, or a Megatron folder written by
+    `tools/convert_hf.py import` (any TP/PP; its mopd_model.yaml must equal student.model). Null: random init."""
     overrides: list[str] = field(default_factory=list)
     """Dotted `a.b=c` overrides applied to the run config for this stage only."""
     role: StageRole = StageRole.none

@@ -123,6 +123,36 @@ def read_model_yaml(path: Path) -> ModelConfig:
     return build_config(StudentConfig, {"model": section}).model
 
 
+# Fields that do not change what a checkpoint computes (init_method_std only draws random weights).
+_NOT_COMPARED = {"init_method_std"}
+_ROPE_SCALING_FIELDS = ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                        "rope_original_max_position_embeddings")
+
+
+def check_checkpoint_model(folder: Path, model: ModelConfig, *, key: str) -> None:
+    """Refuse to start `model` from `folder` when the folder's mopd_model.yaml describes another model.
+
+    Names the first differing field, both values and the file (ConfigError); a folder without the file
+    (a training checkpoint) is left to the load itself, which checks every tensor's shape.
+    """
+    path = Path(folder) / MODEL_YAML
+    if not path.is_file():
+        return
+    saved = read_model_yaml(path)
+    skip = _NOT_COMPARED | (set(_ROPE_SCALING_FIELDS) if saved.rope_scaling == model.rope_scaling
+                            and model.rope_scaling.value == "none" else set())
+    for f in dataclasses.fields(ModelConfig):
+        ours, theirs = getattr(model, f.name), getattr(saved, f.name)
+        if f.name not in skip and ours != theirs:
+            raise ConfigError(f"{key}={str(folder)!r}: student.model.{f.name}={_shown(ours)} but the checkpoint's "
+                              f"{path} says {f.name}: {_shown(theirs)}; make student.model equal the checkpoint's "
+                              f"(e.g. `include: {path}` in the run config)")
+
+
+def _shown(value) -> str:
+    return repr(value.value if hasattr(value, "value") else value)
+
+
 def _check_hf_tensors(reader: HFReader, cfg: ModelConfig) -> None:
     """Every tensor the config implies is present with the right shape, and nothing else is."""
     expected = mapping.expected_hf_shapes(cfg)
@@ -257,4 +287,4 @@ def _plain(cfg) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
 
 
-__all__ = ["check_layout", "export_hf", "import_hf", "read_model_yaml", "write_model_yaml"]
+__all__ = ["check_checkpoint_model", "check_layout", "export_hf", "import_hf", "read_model_yaml", "write_model_yaml"]

@@ -10,12 +10,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from mopd.config import RunConfig, StageConfig
+from mopd.config import ModelConfig, RunConfig, StageConfig, StageKind
 from mopd.config.model import Overlong
 from mopd.data.sampler import PromptSampler
 from mopd.data.sources import build_source
 from mopd.data.synthetic import PiMode
 from mopd.errors import ConfigError, DataError
+from mopd.hf.convert import check_checkpoint_model
 from mopd.metrics import Metrics
 from mopd.objectives import mean_metrics
 from mopd.rollout.engine import Engine
@@ -29,6 +30,8 @@ from mopd.teachers import build_train_batches
 from mopd.types import LossFn, Rollout, Routing, TeacherScores
 
 logger = logging.getLogger(__name__)
+
+TRAINING_KINDS = (StageKind.sft, StageKind.opd)
 
 
 @dataclass
@@ -65,7 +68,7 @@ def start_stage(ctx: RunContext, stage: StageConfig, config: RunConfig, prompts_
 
     Call ``resume_stage`` after building anything that needs the student's initial weights.
     """
-    student = Student.build(config.student, ctx.layout, init_weights(ctx, stage))
+    student = Student.build(config.student, ctx.layout, init_weights(ctx, stage, config.student.model))
     source = build_source(config.data, ctx.tokenizer, seed=config.seed, pi_mode=PiMode(config.data.pi_mode))
     sampler = PromptSampler(list(source), batch_size=prompts_per_step, seed=config.seed)
     stage_dir = ctx.stage_dir(stage)
@@ -89,17 +92,40 @@ def resume_stage(run: StageRun) -> dict:
     return state or {}
 
 
-def init_weights(ctx: RunContext, stage: StageConfig) -> Path | None:
-    """The Megatron weights a stage starts from: an earlier stage's, or a converted checkpoint folder."""
+def init_weights(ctx: RunContext, stage: StageConfig, model: ModelConfig | None = None) -> Path | None:
+    """The Megatron weights a stage starts from: an earlier stage's, or a folder written by
+    `convert_hf.py import` whose model must be `model` (default: the run's student.model)."""
     if stage.init_from is None:
         return None
     if stage.init_from in ctx.outputs:
         return ctx.stage_dir_of(stage.init_from) / "weights"
-    path = Path(stage.init_from)
+    return checked_init_folder(stage, model or ctx.config.student.model)
+
+
+def check_init_sources(stages: list[StageConfig], stage_configs: dict[str, RunConfig]) -> None:
+    """Before the first stage runs: every training stage's init_from names a stage listed before it, or a
+    Megatron folder of the stage's student.model (`checked_init_folder`)."""
+    earlier: set[str] = set()
+    for stage in stages:
+        if stage.kind in TRAINING_KINDS and stage.init_from is not None and stage.init_from not in earlier:
+            checked_init_folder(stage, stage_configs[stage.name].student.model)
+        earlier.add(stage.name)
+
+
+def checked_init_folder(stage: StageConfig, model: ModelConfig) -> Path:
+    """`stage.init_from` as a folder: it exists, is a Megatron checkpoint (not an HF folder) and, when it
+    carries the importer's mopd_model.yaml, describes `model` (ConfigError naming the key otherwise)."""
+    key, path = f"stages[{stage.name}].init_from", Path(stage.init_from)
+    convert = f"`python tools/convert_hf.py import --hf-dir {path} --megatron-dir OUT --tp N` and start from OUT"
+    if not path.is_dir():
+        raise ConfigError(f"{key}={stage.init_from!r} is neither a stage listed before {stage.name!r} nor an "
+                          "existing folder")
     if (path / "config.json").is_file() and not (path / "metadata.json").is_file():
-        raise ConfigError(f"stages[{stage.name}].init_from={stage.init_from!r} is an HF folder; convert it once with "
-                          f"`python tools/convert_hf.py import --hf-dir {path} --megatron-dir OUT --tp N` and start "
-                          "from OUT")
+        raise ConfigError(f"{key}={stage.init_from!r} is an HF folder; convert it once with {convert}")
+    if not (path / "metadata.json").is_file():
+        raise ConfigError(f"{key}={stage.init_from!r} is not a Megatron checkpoint folder (no metadata.json); "
+                          f"write one from an HF model with {convert.replace(str(path), 'HF')}")
+    check_checkpoint_model(path, model, key=key)
     return path
 
 
