@@ -22,9 +22,10 @@ from mopd.teachers.token_bytes import token_bytes
 from mopd.types import ChunkScores, Prompt, Rollout, Routing, TeacherScores
 
 V, K, P = 13, 4, 3
-# Per rollout: student chunk of each response token (-1: unscored) and the chunk's teacher width.
-CHUNKS = [[0, 0, 1, 2, 2, 2, 3], [0, 1, 1, 2, -1, -1]]
-WIDTHS = [[3, 3, 1, 2, 2, 2, 1], [1, 1, 1, 1, 0, 0]]
+# Per rollout: student chunk of each response token and the chunk's teacher width (0: after a cut, the
+# teacher did not read it; its sampled_logprob is the unread floor), -1: a placeholder outside every chunk.
+CHUNKS = [[0, 0, 1, 2, 2, 2, 3, -1], [0, 1, 1, 2, 3, 4]]
+WIDTHS = [[3, 3, 1, 2, 2, 2, 1, 0], [1, 1, 1, 1, 0, 0]]
 
 
 def _case(seed: int = 0):
@@ -83,7 +84,7 @@ def _reference(rollouts, parts, logits: torch.Tensor, cfg: ObjectiveConfig) -> t
                 ps_top = rows[t0][ids].exp()
                 ps = torch.cat([ps_top, (1 - ps_top.sum()).reshape(1)])
                 total = total + (pt * (pt.log() - ps.log())).sum()
-            elif cfg.name == ObjectiveName.uld and not one:
+            elif cfg.name == ObjectiveName.uld and not one and width[t0] > 0:
                 pt = (t_cols - log_z).exp()
                 ps_all = rows[t0].exp()
                 ps_top = ps_all.sort(descending=True).values[:K]
@@ -124,7 +125,7 @@ def test_chunk_metrics_count_aligned_tokens_chunks_and_unscored_tokens():
     # 1:1 tokens: rollout 0 chunks 1 and 3; rollout 1 chunks 0 and 2.
     assert m["teacher/x/tokens"] == tokens
     assert m["teacher/x/aligned_fraction"] == pytest.approx(4 / tokens)
-    assert m["teacher/x/unscored_fraction"] == pytest.approx(2 / tokens)
+    assert m["teacher/x/unscored_fraction"] == pytest.approx(3 / tokens)
     assert m["teacher/x/chunks/tokens"] == 7
     assert m["teacher/x/chunks/len"] == pytest.approx((2 + 1 + 3 + 1 + 1 + 2 + 1) / 7)
     assert m["teacher/x/aligned/tokens"] == 4

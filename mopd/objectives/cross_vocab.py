@@ -22,8 +22,10 @@ whether it is the chunk's first token. Per chunk c with student tokens y_t, t in
         teacher's top-K at ``teacher_temperature``; each tail is the mass outside its own top-K. Other
         tokens: 0. With the full vocabulary as K this is ULD's L1 of sorted distributions.
 
-Tokens outside the scored text (``scored`` False: after an invalid UTF-8 cut or a mid-response special
-token) get 0 from every term. When every chunk is 1:1 (both tokenizers the same) each term equals its
+Tokens after the text the teacher read (``read`` False: after an invalid UTF-8 cut, unspellable text or
+a special token the teacher lacks) are chunks of one token whose teacher log-probability is the unread
+floor: the chunk reverse KL applies, the top-K and sorted terms skip them. Tokens with chunk -1 (none
+from CrossTokenizerTeacher; placeholders) get 0 from every term. When every chunk is 1:1 (both tokenizers the same) each term equals its
 same-tokenizer objective: A_c is the per-token log-ratio, the map is the identity, and ``uld`` has no
 tokens. Multi-token chunks need ``teacher_temperature`` 1 in the chunk reverse KL: the teacher's chunk
 log-probability is a sum over its own positions, whose normalisers at another temperature were not sent.
@@ -57,6 +59,9 @@ class ChunkInputs:
     """[n] bool: the teacher scored the token's text (chunk index >= 0)."""
     student_tokens: torch.Tensor
     """[n] int64 student tokens in the token's chunk."""
+    read: torch.Tensor
+    """[n] bool: the teacher read the token's text (its chunk has teacher tokens); False after a cut, where
+    ``sampled_logprob`` holds the teacher's unread floor (mopd/teachers/alignment.py)."""
 
     @staticmethod
     def build(chunk: torch.Tensor | None, teacher_tokens: torch.Tensor | None, seq: torch.Tensor) -> ChunkInputs:
@@ -73,7 +78,7 @@ class ChunkInputs:
         student_tokens = sizes[segment]
         scored = chunk >= 0
         one = scored & (student_tokens == 1) & (teacher_tokens == 1)
-        return ChunkInputs(segment, num, new, one, scored, student_tokens)
+        return ChunkInputs(segment, num, new, one, scored, student_tokens, scored & (teacher_tokens > 0))
 
     def segment_sum(self, values: torch.Tensor) -> torch.Tensor:
         """[num_segments] sums of [n] ``values`` per chunk."""
@@ -82,7 +87,7 @@ class ChunkInputs:
     @property
     def uld_tokens(self) -> torch.Tensor:
         """[n] bool: first tokens of scored chunks that are not 1:1 (where ``uld`` applies)."""
-        return self.first & ~self.one_to_one & self.scored
+        return self.first & ~self.one_to_one & self.read
 
 
 def chunk_teacher_logprob(x, temperature: float) -> torch.Tensor:

@@ -18,12 +18,12 @@ something only at 1:1 chunks, so ``forward_kl`` and ``topk_coverage`` move under
 ``aligned/tokens``, the 1:1 tokens), and these are added:
 
     aligned_fraction     student tokens in 1:1 chunks
-    unscored_fraction    student tokens outside the text the teacher scored
+    unscored_fraction    student tokens after the text the teacher read (scored against its unread floor)
     aligned/mapped_topk_mass  teacher mass on top-K entries that have a student token of the same bytes
-    chunks/len           student tokens per chunk (divided by ``chunks/tokens``, the number of chunks)
+    chunks/len           student tokens per chunk the teacher read (divided by ``chunks/tokens``, their number)
     chunks/kl_est        log p_s(chunk) - log p_t(chunk) per chunk: the on-policy chunk-level KL estimate
-    reverse_kl_est       the same summed over chunks, per token (equal to the per-token estimate when all
-                         chunks are 1:1)
+    reverse_kl_est       the same summed over chunks the teacher read, per token (equal to the per-token
+                         estimate when all chunks are 1:1)
 """
 
 from __future__ import annotations
@@ -87,12 +87,12 @@ def _chunk_metrics(x: ObjectiveInputs, wsum) -> dict[str, torch.Tensor]:
     buckets, _ = teacher_at_temperature(x.topk_logprobs, x.tail_logmass, 1.0)
     teacher_y = chunk_teacher_logprob(x, 1.0)
     chunk_kl = ch.segment_sum(x.student_sampled.detach().float() - teacher_y)[ch.segment]
-    starts = (ch.first & ch.scored).float()
+    starts = (ch.first & ch.read).float()
     fkl = bucket_divergence("forward_kl", buckets, x.student, tail=True).loss
     return {
-        "reverse_kl_est": wsum(torch.where(ch.scored, x.student_sampled.detach() - teacher_y, 0.0)),
+        "reverse_kl_est": wsum(torch.where(ch.read, x.student_sampled.detach() - teacher_y, 0.0)),
         "aligned_fraction": wsum(one),
-        "unscored_fraction": wsum((~ch.scored).float()),
+        "unscored_fraction": wsum((~ch.read).float()),
         "aligned/" + COUNT: wsum(one),
         "aligned/forward_kl": wsum(torch.where(ch.one_to_one, fkl, 0.0)),
         "aligned/topk_coverage": wsum(one * -torch.expm1(x.student.log_tail.detach())),

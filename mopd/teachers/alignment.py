@@ -18,14 +18,16 @@ each tokenised by the teacher, and the special tokens themselves, which never cr
   student token that ends on a whole character; an invalid byte sequence in the middle ends the scored
   text there too, and so does a character the teacher has no token for (its tokenizer gives its unknown
   token: a character vocabulary meets a control byte a byte-level student sampled).
-The first student token after the scored text (the "cut" token) still gets the teacher's view: the
-teacher is asked for its next-token distribution right after the scored text (a probe position), which
-is the context the student sampled that token in. It is scored as a 1:1 chunk: top-K divergences use
-the probe's mapped top-K, and the chunk reverse KL uses the teacher's log-probability of a token of the
-same bytes when it is in that top-K, else the probe's tail log-mass (an upper bound of the teacher's
-probability of it). So a student cannot escape supervision by writing what the teacher cannot read.
-Student tokens after the cut token get chunk -1: no teacher signal, counted by the metric
-``teacher/<name>/unscored_fraction``.
+A student must not escape supervision by writing what the teacher cannot read (in the toy, a BPE
+student learnt within 50 steps to fill its responses with bytes a character teacher cannot spell when
+they cost nothing). So the first student token after the scored text (the "cut" token) is scored
+against the teacher's next-token distribution right after the scored text (a probe position: the
+context the student sampled that token in) as a 1:1 chunk: top-K divergences use the probe's mapped
+top-K; the chunk reverse KL uses the teacher's log-probability of a token of the same bytes when the
+top-K has it, else the "unread" floor ``log(tail / (V_teacher - K))`` (the probe's tail mass spread
+over the entries it did not send). Each later token is a chunk of its own with no teacher token
+(``teacher_tokens`` 0) whose teacher log-probability is that floor: the reverse KL keeps pushing such
+text down, the top-K terms skip it. Their share is the metric ``teacher/<name>/unscored_fraction``.
 """
 
 from __future__ import annotations
@@ -124,12 +126,12 @@ class Alignment:
     scored text, the same context that student token was sampled in."""
 
     def student_chunk(self) -> torch.Tensor:
-        """[num_student] int64 chunk of each student token (the cut token is the last chunk); -1 after it."""
+        """[num_student] int64 chunk of each student token; from the cut token on, each token its own chunk."""
         out = torch.full((self.num_student,), -1, dtype=torch.long)
         for c, (s0, s1, _, _) in enumerate(self.chunks):
             out[s0:s1] = c
         if self.cut is not None:
-            out[self.cut] = len(self.chunks)
+            out[self.cut:] = torch.arange(self.num_student - self.cut) + len(self.chunks)
         return out
 
 
