@@ -24,7 +24,7 @@ from mopd.errors import EngineError
 from mopd.types import TrainBatch
 from mopd.sync import bucket_tensors, checksum, fan_out, tensor_bytes
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(450)
 
 VOCAB, STEPS, DECAY = 100, 3, 0.6
 LAYOUTS = ((2, 2), (2, 1), (1, 2))  # on 4 ranks: TP2xPP2, TP2xDP2, PP2xDP2
@@ -380,7 +380,7 @@ def _failure_cases(chunks, cfg: StudentConfig, layout) -> dict:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> list[dict]:
-    return run_on_ranks(_worker, WORLD, str(tmp_path_factory.mktemp("weight_sync")), timeout=280)
+    return run_on_ranks(_worker, WORLD, str(tmp_path_factory.mktemp("weight_sync")), timeout=420)
 
 
 def _last_stage_logits(results: list[dict], layout) -> torch.Tensor:
@@ -553,3 +553,30 @@ def test_a_stage_that_fails_to_send_fails_every_rank_and_the_session_still_close
     for row in rows:
         assert "staged weight sync of version 31 failed on rank 2: EngineError: server refused" in row["staged_error"]
     assert [row["staged_calls"] for row in rows] == [["begin", "send 31", "end 31"], [], [], []]
+
+
+def test_a_stage_sender_reaches_every_server_with_the_same_keys_over_its_own_group_on_its_own_host():
+    from mopd.config import SGLangConfig
+    from mopd.rollout.sglang_client import ApiKeys, SGLangEngine, WeightSyncOptions
+    from mopd.sync.stage_senders import StageSenderSpec
+
+    keys = ApiKeys("api-key", "admin-key", "test")
+    config = SGLangConfig(endpoints=["http://router:30000"], weight_sync_address="10.0.0.5")
+    engine = SGLangEngine(config, name="rollout", worker_urls=["http://n1:30000", "http://n2:30000"], keys=keys,
+                          sync=WeightSyncOptions(master_address="10.0.0.5", master_port=29600, group_name="mopd_ws"))
+    local = SGLangEngine(config, name="rollout", worker_urls=["http://n1:30000"], keys=keys,
+                         sync=WeightSyncOptions(master_address="127.0.0.1"))
+    try:
+        sender = StageSenderSpec.of(engine).sender(2)
+        assert sender.worker_urls == sender.endpoints == ["http://n1:30000", "http://n2:30000"]
+        assert sender.keys is keys and sender.name == "rollout-stage2"
+        assert (sender.sync.group_name, sender.sync.master_port) == ("mopd_ws-stage2", 29602)
+        # rank 0's address is another node's: the sender's own host name is used ("" = socket.gethostname())
+        assert sender.sync.master_address == "" and sender.config.weight_sync_address == ""
+        one_machine = StageSenderSpec.of(local).sender(1)
+        assert one_machine.sync.master_address == "127.0.0.1" and one_machine.sync.master_port == 0
+        one_machine.close()
+        sender.close()
+    finally:
+        engine.close()
+        local.close()

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from mopd.config import ModelConfig, SGLangConfig
-from mopd.rollout.sglang_client import SGLangEngine, WeightSyncOptions
+from mopd.rollout.sglang_client import ApiKeys, SGLangEngine, WeightSyncOptions
 from mopd.sync.student import WeightSync
 
 
@@ -39,24 +39,24 @@ class StageSenderSpec:
     name: str
     worker_urls: tuple[str, ...]
     sync: WeightSyncOptions
-    keys: object | None
-    """The engine's SGLang keys (``ApiKeys``), or None for a client without them."""
+    keys: ApiKeys
+    """The engine's SGLang keys (sent over the job's own process group, never printed)."""
 
     @classmethod
     def of(cls, engine: SGLangEngine) -> StageSenderSpec:
-        return cls(engine.config, engine.name, tuple(engine.worker_urls), engine.sync, getattr(engine, "keys", None))
+        return cls(engine.config, engine.name, tuple(engine.worker_urls), engine.sync, engine.keys)
 
     def sender(self, stage: int) -> SGLangEngine:
         """Stage ``stage``'s client. Its group's TCP store listens on this rank's host: the servers
-        reach it at this host's name (or at rank 0's address if that is loopback: a one-machine
-        job), on a free port, or on ``master_port + stage`` when rank 0's port is fixed."""
-        address = self.sync.master_address if _is_loopback(self.sync.master_address) else ""
+        reach it at this host's name (rank 0's address, from ``master_address`` or
+        ``rollout.sglang.weight_sync_address``, only if it is loopback: a one-machine job), on a free
+        port, or on ``master_port + stage`` when rank 0's port is fixed."""
         port = self.sync.master_port + stage if self.sync.master_port else 0
         sync = replace(self.sync, group_name=stage_group_name(self.sync.group_name, stage),
-                       master_address=address, master_port=port)
-        extra = {"keys": self.keys} if self.keys is not None else {}
-        return SGLangEngine(self.config, name=f"{self.name}-stage{stage}", endpoints=list(self.worker_urls),
-                            worker_urls=list(self.worker_urls), sync=sync, **extra)
+                       master_address=_if_loopback(self.sync.master_address), master_port=port)
+        config = replace(self.config, weight_sync_address=_if_loopback(self.config.weight_sync_address))
+        return SGLangEngine(config, name=f"{self.name}-stage{stage}", endpoints=list(self.worker_urls),
+                            worker_urls=list(self.worker_urls), keys=self.keys, sync=sync)
 
 
 def rollout_weight_sync(chunks: list[torch.nn.Module], model_cfg: ModelConfig, layout, consumers: Sequence,
@@ -85,13 +85,15 @@ def _from_rank0(obj):
     return box[0]
 
 
-def _is_loopback(address: str) -> bool:
+def _if_loopback(address: str) -> str:
+    """``address`` if it names this machine's loopback (valid on every rank of a one-machine job),
+    else "": rank 0's address is not another node's."""
     if address == "localhost":
-        return True
+        return address
     try:
-        return ipaddress.ip_address(address).is_loopback
+        return address if ipaddress.ip_address(address).is_loopback else ""
     except ValueError:
-        return False
+        return ""
 
 
 __all__ = ["StageSenderSpec", "rollout_weight_sync", "stage_group_name"]
