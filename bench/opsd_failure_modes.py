@@ -76,7 +76,7 @@ def report(name: str, output: dict, series: dict, every: int, base_eval: dict, d
     print(f"  base: greedy {base['greedy_accuracy']:.3f}, pass@1 {base['pass_at']['1']:.3f}, "
           f"pass@4 {base['pass_at']['4']:.3f}")
     labels = [*STEP_KEYS, "reward", *EVAL_KEYS]
-    print("  step " + "".join(f"{label:>10s}" for label in labels))
+    print("  step " + "".join(f"{label.removesuffix('_accuracy'):>10s}" for label in labels))
     steps = sorted({s for s, _ in series.get("reward", [])})
     evals = {s for m in EVAL_KEYS for s, _ in series.get(m, [])}
     for step in steps:
@@ -118,7 +118,8 @@ def main() -> None:
     args = parser.parse_args()
     run_dir, wall = run(Path(args.config), Path(args.out))
     print(f"{run_dir}: {wall:.0f} s wall this call; load average {os.getloadavg()[0]:.1f}")
-    outputs = {p.parent.name: json.loads(p.read_text()) for p in (run_dir / "stages").glob("*/output.json")}
+    done = sorted((run_dir / "stages").glob("*/output.json"), key=lambda p: p.stat().st_mtime)  # stage order
+    outputs = {p.parent.name: json.loads(p.read_text()) for p in done}
     base_eval = outputs["base"]["eval"]
     branches = {}
     for name, output in outputs.items():
