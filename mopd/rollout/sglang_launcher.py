@@ -372,3 +372,42 @@ def _healthy(http: httpx.Client, url: str, timeout: float) -> bool:
 def _advertised(host: str) -> str:
     """The address clients use: the bind address, or this host's name when bound to all interfaces."""
     return socket.gethostname() if host in ("0.0.0.0", "::") else host
+
+
+def slurm_vars(config_path: str) -> str:
+    """Shell assignments of the SGLang knobs in a run config, for slurm/mopd_70b.sh (``eval``): the
+    script places processes; what they run with comes from the config, as for ``launch: true``."""
+    import shlex
+
+    from mopd.config import EngineKind, load_config
+
+    run = load_config(config_path)
+    sg = run.rollout.sglang
+    if run.rollout.engine != EngineKind.sglang or not sg.model_path:
+        raise ConfigError("rollout.sglang.model_path: slurm/mopd_70b.sh starts the rollout servers from it "
+                          "(and needs rollout.engine=sglang)")
+    teachers = []
+    for t in run.distill.teachers:
+        if t.engine == EngineKind.sglang:
+            if not t.checkpoint:
+                raise ConfigError(f"distill.teachers[{t.name}].checkpoint: the HF folder its SGLang server loads")
+            teachers.append(f"{t.name}={t.checkpoint}")
+    values = {
+        "ROLLOUT_MODEL": sg.model_path, "ROLLOUT_SERVERS": str(sg.num_servers), "SGLANG_TP": str(sg.tp),
+        "SGLANG_MEM_FRACTION": str(sg.mem_fraction_static), "API_KEY_ENV": sg.api_key_env or "",
+        "ADMIN_API_KEY_ENV": sg.admin_api_key_env or "",
+    }
+    lines = [f"{k}={shlex.quote(v)}" for k, v in values.items()]
+    lines.append("TEACHER_SPECS=(" + " ".join(shlex.quote(t) for t in teachers) + ")")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="SGLang settings of a run config as shell assignments")
+    parser.add_argument("config")
+    try:
+        print(slurm_vars(parser.parse_args().config))
+    except ConfigError as exc:
+        sys.exit(f"{parser.prog}: {exc}")
