@@ -222,6 +222,12 @@ def _efficiency_lines(outputs: dict[str, StageOutput], rows: dict[str, dict[str,
         start = base.eval[domain].get("greedy_accuracy")
         curves = [stage_curve(o.history, o.eval, domain, start=start) for o in (sft, student)]
         line, _ = ratio_line(domain, *curves, TARGET_FRACTION * row["teacher"])
-        lines.append(f"teacher tokens to 90% of the expert, {line} (this run: one seed, linear between its "
-                     "evaluations; over seeds and budgets: python bench/efficiency.py)")
+        lines.append(f"teacher tokens to 90% of the expert, {line} (this run: one seed, evaluated every "
+                     f"{_eval_interval(student)} steps, linear between; coarse: over seeds and a finer grid, "
+                     "python bench/efficiency.py)")
     return lines
+
+
+def _eval_interval(output: StageOutput) -> int:
+    steps = sorted({int(r["step"]) for r in output.history if any(k.startswith("eval/") for k in r)})
+    return min((b - a for a, b in zip(steps, steps[1:])), default=steps[0] if steps else 0)
