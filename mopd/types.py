@@ -82,8 +82,8 @@ class ChunkScores:
     @staticmethod
     def one_per_token(lengths: list[int]) -> ChunkScores:
         """Every token its own 1:1 chunk (a same-tokenizer teacher's scores, packed with ``lengths``)."""
-        return ChunkScores(chunk=torch.cat([torch.arange(t) for t in lengths]) if lengths else torch.zeros(0, dtype=torch.long),
-                           teacher_tokens=torch.ones(sum(lengths), dtype=torch.int32))
+        chunk = torch.cat([torch.arange(t) for t in lengths]) if lengths else torch.zeros(0, dtype=torch.long)
+        return ChunkScores(chunk=chunk, teacher_tokens=torch.ones(sum(lengths), dtype=torch.int32))
 
 
 @dataclass(frozen=True, slots=True)

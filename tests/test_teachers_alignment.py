@@ -250,8 +250,9 @@ def test_the_cut_token_is_scored_against_the_teachers_distribution_after_the_sco
         nt = alignment.num_teacher
         probe_ids = torch.tensor([[char.convert_tokens_to_ids("c"), char.convert_tokens_to_ids("d")]] * nt)
         probe_lp = torch.log(torch.tensor([[0.5, 0.3]] * nt))
-        teacher = TeacherScores(topk_ids=probe_ids.int(), topk_logprobs=probe_lp, sampled_logprob=torch.full((nt,), -1.0),
-                                tail_logmass=torch.full((nt,), math.log(0.2)), teacher="c")
+        teacher = TeacherScores(topk_ids=probe_ids.int(), topk_logprobs=probe_lp,
+                                sampled_logprob=torch.full((nt,), -1.0), tail_logmass=torch.full((nt,), math.log(0.2)),
+                                teacher="c")
         scores = to_student_scores(alignment, teacher, t.vocab_map, 2, "c", cut_token=ids[alignment.cut])
         row = alignment.cut
         assert scores.topk_ids[row].tolist() == [smol.convert_tokens_to_ids("c"), smol.convert_tokens_to_ids("d")]

@@ -25,7 +25,9 @@ whether it is the chunk's first token. Per chunk c with student tokens y_t, t in
 Tokens after the text the teacher read (``read`` False: after an invalid UTF-8 cut, unspellable text or
 a special token the teacher lacks) are chunks of one token whose teacher log-probability is the unread
 floor: the chunk reverse KL applies, the top-K and sorted terms skip them. Tokens with chunk -1 (none
-from CrossTokenizerTeacher; placeholders) get 0 from every term. When every chunk is 1:1 (both tokenizers the same) each term equals its
+from CrossTokenizerTeacher; placeholders) get 0 from every term.
+
+When every chunk is 1:1 (both tokenizers the same) each term equals its
 same-tokenizer objective: A_c is the per-token log-ratio, the map is the identity, and ``uld`` has no
 tokens. Multi-token chunks need ``teacher_temperature`` 1 in the chunk reverse KL: the teacher's chunk
 log-probability is a sum over its own positions, whose normalisers at another temperature were not sent.

@@ -23,8 +23,8 @@ student's positions, one row per student response token:
   placeholder of ``build_train_batches``;
 - the cut token (``Alignment.cut``): the probe row mapped like a 1:1 chunk, its sampled log-probability
   the teacher's for a token of the same bytes if the mapped top-K has it, else the unread floor; later
-  tokens: their own chunks of no teacher token, sampled log-probability the floor (alignment.py). Objectives read these rows only through
-  ``mopd.objectives.cross_vocab``, which knows which is which.
+  tokens: their own chunks of no teacher token, sampled log-probability the floor (alignment.py).
+Objectives read these rows only through ``mopd.objectives.cross_vocab``, which knows which is which.
 """
 
 from __future__ import annotations
