@@ -259,3 +259,13 @@ def test_the_cut_token_is_scored_against_the_teachers_distribution_after_the_sco
         expected = math.log(0.5) if in_topk else math.log(0.2)
         assert float(scores.sampled_logprob[row]) == pytest.approx(expected)
         assert int(scores.chunks.teacher_tokens[row]) == 1
+
+
+def test_per_token_routing_with_a_cross_tokenizer_teacher_is_refused_naming_it(toks):
+    from mopd.config import RouteGranularity, RouterConfig
+    from mopd.teachers import Router, score_batch
+
+    t = teacher_of(toks, "smollm2", "char")
+    router = Router(RouterConfig(granularity=RouteGranularity.token), [t.config])
+    with pytest.raises(TeacherError, match=r"per-token routing .* \['char_expert'\] score chunks of another"):
+        score_batch([rollout([42, 43])], [t], router)

@@ -23,6 +23,7 @@ from mopd.stages.student import Recorder, Student
 from mopd.sync import tracking
 from mopd.teachers import Router, Teacher, build_teachers, check_pi_coverage
 from mopd.teachers.build import configured_tokenizer
+from mopd.teachers.scoring import is_cross_tokenizer
 
 
 @dataclass
@@ -85,6 +86,10 @@ def build_teacher_set(ctx: RunContext, run, config: RunConfig) -> TeacherSet:
                                   enable_thinking=config.data.enable_thinking,
                                   default_objectives={t.name: objectives[i] for i, t in enumerate(configs)})
     out.router = Router(config.distill.router, configs)
+    cross = [t.name for t in out.teachers if is_cross_tokenizer(t)]
+    if cross and out.router.per_token:
+        raise ConfigError(f"distill.router.granularity=token compares teachers token by token, but {cross} read "
+                          "the response in another tokenizer; route them per prompt (granularity=prompt)")
     check_pi_coverage(run.sampler.source, configs, out.router)  # before the first step, not at the prompt
     return out
 
