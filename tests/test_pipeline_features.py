@@ -199,3 +199,46 @@ def test_evaluating_on_the_training_prompts_is_refused_naming_the_key(overrides,
         load_config(ASSET, overrides)
     if key != "data.split":
         load_config(ASSET, [*overrides, "eval.allow_train_prompts=true"])  # unless asked for
+
+
+def _stage_run(overlong: str, max_seq_len: int = 10):
+    from types import SimpleNamespace
+
+    from mopd.data.tokenizer import build_char_tokenizer
+
+    config = load_config(ASSET, [f"student.train.max_seq_len={max_seq_len}", f"student.train.overlong={overlong}"])
+    return SimpleNamespace(config=config, ctx=SimpleNamespace(tokenizer=build_char_tokenizer()), length_metrics={})
+
+
+def _rollout(prompt: int, response: int, index: int = 0):
+    import torch
+
+    from mopd.types import Rollout
+
+    return Rollout(prompt_ids=torch.arange(2, 2 + prompt), response_ids=torch.arange(3, 3 + response),
+                   behaviour_logprobs=torch.full((response,), -0.5), finish="stop", weight_version=0,
+                   domain="reverse", prompt_index=index)
+
+
+def test_max_seq_len_truncates_the_response_and_counts_or_refuses_naming_the_key():
+    from mopd.errors import DataError
+    from mopd.stages.training import fit_to_max_seq_len
+
+    run = _stage_run("truncate")
+    fitted = fit_to_max_seq_len(run, [_rollout(4, 3), _rollout(6, 9, index=1)])
+    assert [r.response_ids.numel() for r in fitted] == [3, 4]  # 6 + 4 = max_seq_len
+    assert fitted[1].finish == "length" and fitted[1].behaviour_logprobs.numel() == 4
+    assert run.length_metrics == {"train/truncated_rollouts": 1.0, "train/truncated_tokens": 5.0}
+    with pytest.raises(DataError, match=r"student\.train\.max_seq_len=10: rollout 1 \(prompt 1"):
+        fit_to_max_seq_len(_stage_run("refuse"), [_rollout(4, 3), _rollout(6, 9, index=1)])
+    with pytest.raises(DataError, match="its prompt alone fills it"):
+        fit_to_max_seq_len(run, [_rollout(10, 2)])
+
+
+def test_config_time_refusals_name_their_keys():
+    with pytest.raises(ConfigError, match=r"rollout\.max_staleness=2"):
+        load_config(ASSET, ["rollout.max_staleness=2"])
+    with pytest.raises(ConfigError, match=r"distill\.objectives\[0\]\.name='reverse_kl_student_topk'.*in-trainer"):
+        load_config(ASSET, ["distill.objectives=[{name: reverse_kl_student_topk}]"])
+    with pytest.raises(ConfigError, match=r"student\.train\.max_seq_len=128: must not exceed model\.max_position"):
+        load_config(ASSET, ["student.train.max_seq_len=128"])
