@@ -23,7 +23,7 @@ from mopd.types import ChunkScores, Prompt, Rollout, Routing, TeacherScores
 
 V, K, P = 13, 4, 3
 # Per rollout: student chunk of each response token and the chunk's teacher width (0: after a cut, the
-# teacher did not read it; its sampled_logprob is the unread floor), -1: a placeholder outside every chunk.
+# teacher did not read it; its sampled_logprob is UNREAD_LOGPROB), -1: a placeholder outside every chunk.
 CHUNKS = [[0, 0, 1, 2, 2, 2, 3, -1], [0, 1, 1, 2, 3, 4]]
 WIDTHS = [[3, 3, 1, 2, 2, 2, 1, 0], [1, 1, 1, 1, 0, 0]]
 

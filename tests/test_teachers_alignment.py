@@ -233,10 +233,11 @@ def test_text_the_teacher_cannot_spell_ends_the_scored_text_before_it(toks):
 
 def test_the_cut_token_is_scored_against_the_teachers_distribution_after_the_scored_text(toks):
     """A student cannot escape the teacher by writing what it cannot read: the first token after the scored
-    text gets the teacher's next-token top-K there, and its probability (a same-bytes entry, else the tail)."""
+    text gets the teacher's next-token top-K there, and its probability (a same-bytes entry, else
+    UNREAD_LOGPROB, as every later token)."""
     import math
 
-    from mopd.teachers.cross import to_student_scores
+    from mopd.teachers.cross import UNREAD_LOGPROB, to_student_scores
 
     t = teacher_of(toks, "smollm2", "char")
     smol, char = toks["smollm2"], toks["char"]
@@ -256,7 +257,7 @@ def test_the_cut_token_is_scored_against_the_teachers_distribution_after_the_sco
         scores = to_student_scores(alignment, teacher, t.vocab_map, 2, "c", cut_token=ids[alignment.cut])
         row = alignment.cut
         assert scores.topk_ids[row].tolist() == [smol.convert_tokens_to_ids("c"), smol.convert_tokens_to_ids("d")]
-        expected = math.log(0.5) if in_topk else math.log(0.2)
+        expected = math.log(0.5) if in_topk else UNREAD_LOGPROB
         assert float(scores.sampled_logprob[row]) == pytest.approx(expected)
         assert int(scores.chunks.teacher_tokens[row]) == 1
 

@@ -23,8 +23,8 @@ whether it is the chunk's first token. Per chunk c with student tokens y_t, t in
         tokens: 0. With the full vocabulary as K this is ULD's L1 of sorted distributions.
 
 Tokens after the text the teacher read (``read`` False: after an invalid UTF-8 cut, unspellable text or
-a special token the teacher lacks) are chunks of one token whose teacher log-probability is the unread
-floor: the chunk reverse KL applies, the top-K and sorted terms skip them. Tokens with chunk -1 (none
+a special token the teacher lacks) are chunks of one token whose teacher log-probability is
+``UNREAD_LOGPROB`` (mopd/teachers/cross.py): the chunk reverse KL applies, the top-K and sorted terms skip them. Tokens with chunk -1 (none
 from CrossTokenizerTeacher; placeholders) get 0 from every term.
 
 When every chunk is 1:1 (both tokenizers the same) each term equals its
@@ -63,7 +63,7 @@ class ChunkInputs:
     """[n] int64 student tokens in the token's chunk."""
     read: torch.Tensor
     """[n] bool: the teacher read the token's text (its chunk has teacher tokens); False after a cut, where
-    ``sampled_logprob`` holds the teacher's unread floor (mopd/teachers/alignment.py)."""
+    ``sampled_logprob`` holds ``UNREAD_LOGPROB`` (mopd/teachers/cross.py)."""
 
     @staticmethod
     def build(chunk: torch.Tensor | None, teacher_tokens: torch.Tensor | None, seq: torch.Tensor) -> ChunkInputs:

@@ -18,7 +18,7 @@ something only at 1:1 chunks, so ``forward_kl`` and ``topk_coverage`` move under
 ``aligned/tokens``, the 1:1 tokens), and these are added:
 
     aligned_fraction     student tokens in 1:1 chunks
-    unscored_fraction    student tokens after the text the teacher read (scored against its unread floor)
+    unscored_fraction    student tokens after the text the teacher read (scored at UNREAD_LOGPROB)
     aligned/mapped_topk_mass  teacher mass on top-K entries that have a student token of the same bytes
     chunks/len           student tokens per chunk the teacher read (divided by ``chunks/tokens``, their number)
     chunks/kl_est        log p_s(chunk) - log p_t(chunk) per chunk: the on-policy chunk-level KL estimate

@@ -24,10 +24,9 @@ they cost nothing). So the first student token after the scored text (the "cut" 
 against the teacher's next-token distribution right after the scored text (a probe position: the
 context the student sampled that token in) as a 1:1 chunk: top-K divergences use the probe's mapped
 top-K; the chunk reverse KL uses the teacher's log-probability of a token of the same bytes when the
-top-K has it, else the "unread" floor ``log(tail / (V_teacher - K))`` (the probe's tail mass spread
-over the entries it did not send). Each later token is a chunk of its own with no teacher token
-(``teacher_tokens`` 0) whose teacher log-probability is that floor: the reverse KL keeps pushing such
-text down, the top-K terms skip it. Their share is the metric ``teacher/<name>/unscored_fraction``.
+top-K has it, else ``mopd.teachers.cross.UNREAD_LOGPROB`` (-30: text the teacher would not write). Each
+later token is a chunk of its own with no teacher token (``teacher_tokens`` 0) scored at that value:
+the reverse KL keeps pushing such text down, the top-K terms skip it. Their share is the metric ``teacher/<name>/unscored_fraction``.
 """
 
 from __future__ import annotations

@@ -22,8 +22,8 @@ student's positions, one row per student response token:
   terms need no ids) with placeholder ids ``0..K-1``; other tokens and unscored ones: the uniform
   placeholder of ``build_train_batches``;
 - the cut token (``Alignment.cut``): the probe row mapped like a 1:1 chunk, its sampled log-probability
-  the teacher's for a token of the same bytes if the mapped top-K has it, else the unread floor; later
-  tokens: their own chunks of no teacher token, sampled log-probability the floor (alignment.py).
+  the teacher's for a token of the same bytes if the mapped top-K has it, else ``UNREAD_LOGPROB``; later
+  tokens: their own chunks of no teacher token, sampled log-probability ``UNREAD_LOGPROB`` (alignment.py).
 Objectives read these rows only through ``mopd.objectives.cross_vocab``, which knows which is which.
 """
 
@@ -148,8 +148,7 @@ class CrossTokenizerTeacher(Teacher):
             r, _, alignment = p
             teacher = by_id.get(id(p))
             cut_token = int(r.response_ids[alignment.cut]) if alignment.cut is not None else None
-            out.append(to_student_scores(alignment, teacher, self.vocab_map, top_k, self.name, cut_token,
-                                         teacher_vocab=self.teacher_vocab))
+            out.append(to_student_scores(alignment, teacher, self.vocab_map, top_k, self.name, cut_token))
         return out
 
     def _engine_scores(self, reqs: list[ScoreRequest], top_k: int) -> list[TeacherScores]:
@@ -171,11 +170,18 @@ class CrossTokenizerTeacher(Teacher):
         return got
 
 
+UNREAD_LOGPROB = -30.0
+"""The teacher's log-probability of a student token of text it did not read (alignment.py): text it would
+not write. Below any log-probability a teacher gives text it can read in practice (e^-30 ~ 1e-13), so no
+response scores better by leaving the teacher's vocabulary. A bound such as the probe's tail mass spread
+over its unsent entries (~e^-12.5 for the toy's character experts) is above what the experts give a wrong
+letter, and a student learnt to fill its responses with unreadable bytes within 50 steps."""
+
+
 def to_student_scores(alignment: Alignment, teacher: TeacherScores | None, vocab_map: VocabMap, k: int,
-                      name: str, cut_token: int | None = None, teacher_vocab: int | None = None) -> TeacherScores:
+                      name: str, cut_token: int | None = None) -> TeacherScores:
     """The teacher's per-teacher-token scores on the student's positions (module docstring); ``cut_token``
-    is the student's token at ``alignment.cut`` (scored against the teacher's probe row), ``teacher_vocab``
-    the teacher's vocabulary size (the unread floor spreads the probe's tail over its unsent entries)."""
+    is the student's token at ``alignment.cut`` (scored against the teacher's probe row)."""
     n = alignment.num_student
     placeholder = -math.log(k + 1)
     ids = torch.arange(k, dtype=torch.int32).expand(n, k).clone()
@@ -207,10 +213,8 @@ def to_student_scores(alignment: Alignment, teacher: TeacherScores | None, vocab
         p = alignment.cut
         ids[p], logprobs[p], tail[p] = c_ids[0].to(torch.int32), c_lp[0], c_tail[0]
         hit = (c_ids[0] == cut_token) & (c_lp[0] > float("-inf"))
-        unsent = max(1, (teacher_vocab or k + 1) - k)
-        floor = float(c_tail[0]) - math.log(unsent)  # the "unread" floor (alignment.py's docstring)
-        sampled[p] = c_lp[0][hit][0] if bool(hit.any()) else floor
-        sampled[p + 1:] = floor
+        sampled[p] = c_lp[0][hit][0] if bool(hit.any()) else UNREAD_LOGPROB
+        sampled[p + 1:] = UNREAD_LOGPROB
         width[p] = 1
     return _with_chunks(TeacherScores(topk_ids=ids, topk_logprobs=logprobs, sampled_logprob=sampled,
                                       tail_logmass=tail, teacher=name), chunk, width)
