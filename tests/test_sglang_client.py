@@ -453,3 +453,13 @@ def test_close_destroys_the_weight_group_on_the_server_so_a_new_engine_can_creat
         assert_same_scores(third.score(score_requests(), top_k=8), reference.score(score_requests(), top_k=8))
     finally:
         third.close()
+
+
+def test_an_engine_on_its_own_endpoints_does_not_inherit_the_rollout_workers():
+    cfg = SGLangConfig(endpoints=["http://router:1"], worker_urls=["http://w1:2", "http://w2:2"])
+    rollout, teacher = SGLangEngine(cfg), SGLangEngine(cfg, name="teacher", endpoints=["http://teacher:3"])
+    try:
+        assert rollout.worker_urls == ["http://w1:2", "http://w2:2"] and teacher.worker_urls == ["http://teacher:3"]
+    finally:
+        rollout.close()
+        teacher.close()

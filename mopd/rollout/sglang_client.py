@@ -154,7 +154,10 @@ class SGLangEngine(Engine):
         self.endpoints = [u.rstrip("/") for u in (endpoints or config.endpoints)]
         if not self.endpoints:
             raise EngineError(f"engine {name!r}: no SGLang endpoint (set rollout.sglang.endpoints or launch=true)")
-        self.worker_urls = [u.rstrip("/") for u in (worker_urls or config.worker_urls or self.endpoints)]
+        # config.worker_urls belong to config.endpoints: an engine given other endpoints (a teacher's
+        # server) has its own servers as workers.
+        workers = worker_urls or (config.worker_urls if endpoints is None else None) or self.endpoints
+        self.worker_urls = [u.rstrip("/") for u in workers]
         self.keys = keys if keys is not None else ApiKeys.from_env(config)
         self.backoff_s = backoff_s
         self.health_timeout_s = health_timeout_s

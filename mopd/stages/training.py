@@ -21,7 +21,7 @@ from mopd.metrics import Metrics
 from mopd.objectives import mean_metrics
 from mopd.rollout.engine import Engine
 from mopd.stages.batches import my_share
-from mopd.stages.context import RunContext, StageOutput, barrier
+from mopd.stages.context import RunContext, StageOutput, barrier, broadcast
 from mopd.stages.engines import rollout_engine
 from mopd.stages.evaluate import evaluate_on_engine
 from mopd.stages.student import Student
@@ -217,7 +217,7 @@ def finish_stage(run: StageRun, engine: Engine | None = None, teachers=None) -> 
     hf_dir = run.student.export_hf(run.dir / "hf", run.ctx.tokenizer)
     evaluation = {}
     if run.stage.evaluate:
-        own = engine is None
+        own = broadcast(engine is None)  # rank 0's answer: only rank 0 holds an engine
         engine = rollout_engine(run) if own else engine
         try:
             evaluation = evaluate_on_engine(run.ctx, run.config, engine, teachers)
