@@ -7,12 +7,11 @@ YAML < overrides). Errors the user can fix print one clear message and exit with
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
-import warnings
 
 from mopd.errors import MopdError
+from mopd.library_noise import quiet_library_warnings
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -75,26 +74,11 @@ def _convert(args: argparse.Namespace) -> int:
     return convert_main(args.args)
 
 
-# Notices printed by libraries at import or on every step that say nothing a mopd user can act on:
-# the CPU fallbacks (no Apex/TE on CPU machines) and deprecations inside Megatron/torch code paths.
-_LIBRARY_NOISE = (
-    "Transformer Engine and Apex are not installed", "Apex is not installed", "absl.logging is not installed",
-    "full scope is deprecated", "MimoModelConfig is experimental", r"`torch.distributed.\w+` is deprecated",
-    "The .grad attribute of a Tensor that is not a leaf Tensor is being accessed",
-)
-
-
-def _quiet_warnings() -> None:
-    for pattern in _LIBRARY_NOISE:
-        warnings.filterwarnings("ignore", message=pattern)
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found"
-
-
 def main(argv: list[str] | None = None) -> int:
     from mopd.parallel.layout import hide_cuda_if_forced
 
     hide_cuda_if_forced(os.environ)  # MOPD_FORCE_CPU=1: before any library initialises CUDA
-    _quiet_warnings()
+    quiet_library_warnings()
     parser = _parser()
     # Overrides may come before or after options (`plan X --world-size 8 a.b=c`).
     args, extra = parser.parse_known_args(argv)

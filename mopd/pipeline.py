@@ -19,6 +19,7 @@ from pathlib import Path
 
 from mopd.config import RunConfig, StageKind, to_yaml, with_overrides
 from mopd.errors import ConfigError
+from mopd.library_noise import drop_megatron_log_noise
 from mopd.parallel import destroy_parallel, init_parallel
 from mopd.stages.context import RunContext, StageOutput, barrier
 from mopd.stages.average import run_average
@@ -119,16 +120,6 @@ def load_tokenizer(config: RunConfig):
     return load_run_tokenizer(config.data.tokenizer, config.student.model)
 
 
-_MEGATRON_NOISE = ("GPTModel IS DEPRECATED", "full_param_layout not provided", "async save is deprecated")
-
-
-class _DropMegatronNoise(logging.Filter):
-    """Megatron-Core 0.19 warns on every model build about APIs mopd uses on purpose."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not any(text in record.getMessage() for text in _MEGATRON_NOISE)
-
-
 def _quiet_libraries() -> None:
     """Our own progress bar and log lines are the run's console output."""
     import transformers
@@ -136,8 +127,7 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     os.environ.setdefault("WANDB_SILENT", "true")
-    for handler in logging.getLogger().handlers or [logging.lastResort]:
-        handler.addFilter(_DropMegatronNoise())
+    drop_megatron_log_noise()
 
 
 def _default_single_process_env() -> None:

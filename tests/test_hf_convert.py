@@ -228,3 +228,23 @@ def test_export_with_a_model_config_that_does_not_match_the_checkpoint_names_the
     with pytest.raises(CheckpointError, match=r"cannot read \[.*mlp.linear_fc1.weight.*shape mismatch"):
         export_hf(tmp_path / "meg", tmp_path / "out", model_cfg=wrong)
     _assert_nothing_written(tmp_path / "out")
+
+
+def test_the_converter_command_prints_none_of_the_library_notices_mopd_filters(llama_fp32_sharded, tmp_path):
+    """tools/convert_hf.py shares mopd's filter (mopd/library_noise.py): no Apex/TE fallback or deprecation lines."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from mopd.library_noise import MEGATRON_LOG_RECORDS, WARNINGS
+
+    root, _ = llama_fp32_sharded  # the command runs without the test suite's PYTHONWARNINGS=ignore
+    tool = Path(__file__).resolve().parents[1] / "tools" / "convert_hf.py"
+    proc = subprocess.run([sys.executable, str(tool), "import", "--hf-dir", str(root / "hf"), "--megatron-dir",
+                           str(tmp_path / "meg")], capture_output=True, text=True, timeout=200,
+                          env={**{k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shown = [p for p in (*WARNINGS, *map(re.escape, MEGATRON_LOG_RECORDS)) if re.search(p, proc.stderr)]
+    assert shown == [] and "UserWarning" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stdout.startswith("imported llama")

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from mopd.errors import MopdError
+from mopd.library_noise import drop_megatron_log_noise, quiet_library_warnings
 
 _DTYPES = ("fp32", "bf16", "fp16")
 
@@ -49,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_library_warnings()
+    drop_megatron_log_noise()
     args = _parser().parse_args(argv)
     try:
         {"import": _import, "export": _export, "from-gguf": _from_gguf}[args.command](args)
