@@ -1,7 +1,9 @@
 """The embedded-default demo (`configs/local/demo.yaml`, what `bash launch/demo.sh` runs), whole.
 
-Takes about 6-7 minutes on 2 cores: the unified student must reach 90% of its expert on every domain,
-and the summary must state plainly how it compares with both baselines.
+Takes about 6-7 minutes on 2 cores. What the README claims, asserted: the unified student reaches 90%
+of its expert on every domain (it reaches 100%: 1.000 greedy accuracy), ties with the SFT baseline
+trained on as many expert-generated tokens (both 1.000 on this easy demo), and beats the average of
+the experts' weights (which scores 0.000).
 """
 
 import json
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from test_pipeline_e2e import env
+from test_pipeline_e2e import assert_summary_reports_each_stage_own_eval, env
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "local" / "demo.yaml"
 
@@ -22,15 +24,15 @@ def test_demo_unifies_the_experts_and_reports_against_both_baselines(tmp_path):
                            "logging.progress_bar=false", "logging.wandb_mode=disabled"],
                           env=env(), capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-5000:]
-    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    summary = assert_summary_reports_each_stage_own_eval(
+        tmp_path / "demo", ("base", "teacher", "student", "sft_baseline", "weight_average"))
     assert set(summary["domains"]) == {"reverse", "caesar"}
     for domain, row in summary["domains"].items():
-        for role in ("base", "teacher", "student", "sft_baseline", "weight_average"):
-            assert 0.0 <= row[role] <= 1.0, (domain, role)
         assert row["teacher"] >= 0.9, f"{domain}: the expert itself is weak ({row['teacher']})"
         assert row["student"] >= 0.9 * row["teacher"], f"{domain}: student {row['student']} < 90% of {row['teacher']}"
-        assert row["vs_sft_baseline"] in ("beats", "ties with", "does not beat")
-        assert row["vs_weight_average"] in ("beats", "ties with", "does not beat")
+        assert row["base"] < 0.5 * row["student"], f"{domain}: the base is not weak ({row['base']})"
+        assert row["vs_sft_baseline"] == "ties with", (domain, row["student"], row["sft_baseline"])
+        assert row["vs_weight_average"] == "beats", (domain, row["student"], row["weight_average"])
     assert summary["verdicts"]["student_reaches_90pct_of_teacher_on_every_domain"] is True
     assert all(stage["wall_s"] > 0 for stage in summary["stages"].values())
     assert (tmp_path / "demo" / "summary.png").is_file()
