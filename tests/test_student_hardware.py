@@ -49,16 +49,19 @@ def test_auto_fast_paths_follow_the_machine_off_on_the_cpu_on_with_the_kernels()
     assert (ngc.gradient_accumulation_fusion, ngc.overlap_grad_reduce, ngc.rope_fusion) == (True, True, True)
     pip_te = resolve_fast_paths(auto, HOPPER_TE, data_parallel=1)
     assert (pip_te.gradient_accumulation_fusion, pip_te.overlap_grad_reduce, pip_te.rope_fusion) == (False, False, True)
+    # gloo overlaps too: asked for explicitly, the CPU runs it (test_student_parity checks it is exact)
+    assert resolve_fast_paths(FastPathConfig(overlap_grad_reduce=True), CPU, data_parallel=2).overlap_grad_reduce
 
 
-@pytest.mark.parametrize("key,caps,missing", [
-    ("gradient_accumulation_fusion", HOPPER_TE, "fused_weight_gradient_mlp_cuda"),
-    ("rope_fusion", BARE_CUDA, "Transformer Engine"),
-    ("overlap_grad_reduce", CPU, "CUDA"),
+@pytest.mark.parametrize("key,caps,dp,missing", [
+    ("gradient_accumulation_fusion", HOPPER_TE, 2, "fused_weight_gradient_mlp_cuda"),
+    ("gradient_accumulation_fusion", CPU, 2, "CUDA"),
+    ("rope_fusion", BARE_CUDA, 2, "Transformer Engine"),
+    ("overlap_grad_reduce", NGC_HOPPER, 1, "more than one data-parallel rank"),
 ])
-def test_a_fast_path_asked_for_where_it_cannot_run_is_refused_naming_the_key(key, caps, missing):
+def test_a_fast_path_asked_for_where_it_cannot_run_is_refused_naming_the_key(key, caps, dp, missing):
     with pytest.raises(ConfigError, match=rf"student\.fast_paths\.{key}=true needs .*{missing}"):
-        resolve_fast_paths(FastPathConfig(**{key: True}), caps, data_parallel=2)
+        resolve_fast_paths(FastPathConfig(**{key: True}), caps, data_parallel=dp)
     off = resolve_fast_paths(FastPathConfig(**{key: False}), NGC_HOPPER, data_parallel=2)
     assert getattr(off, key) is False
 

@@ -17,6 +17,7 @@ import torch
 from dist_utils import run_on_ranks
 
 from mopd.config import ModelConfig, OptimizerConfig, ParallelConfig, StudentConfig, TrainConfig
+from mopd.config.model import FastPathConfig
 from mopd.types import TrainBatch
 
 VOCAB, SEQS, STEPS = 128, 8, 3
@@ -243,6 +244,9 @@ def _layouts_worker(rank: int, world: int, weights: str) -> dict:
             out["placement"] = _placement(layout)
         chunks, optimizer, scheduler, history = _train(cfg, layout, weights)
         out[(tp, pp)] = history
+        if (tp, pp) == (1, 2):  # DP=2, two micro-batches per rank: buckets reduced during backward
+            overlap = replace(cfg, fast_paths=FastPathConfig(overlap_grad_reduce=True))
+            out["overlap_grad_reduce"] = _train(overlap, layout, weights)[3]
         if (tp, pp) == (2, 2):
             out["broadcast"] = _broadcast_check(layout)
             out["nan_loss"] = _refusal(chunks, optimizer, scheduler, layout, _nan_loss_at_teacher_one)
@@ -306,6 +310,13 @@ def test_every_layout_matches_one_rank_loss_and_grad_norm_for_three_steps(runs, 
             assert _rel(got[0], want[0]) < REL_TOL, (where, "loss", got[0], want[0])
             assert _rel(got[1], want[1]) < REL_TOL, (where, "grad norm", got[1], want[1])
             assert got[2] == want[2] and got[3] == want[3] and got[4] == want[4], where
+
+
+def test_gradient_reduction_overlapped_with_backward_matches_one_rank(runs):
+    reference, layouts = runs
+    for rank, out in enumerate(layouts):
+        for step, (got, want) in enumerate(zip(out["overlap_grad_reduce"], reference["history"])):
+            assert _rel(got[0], want[0]) < REL_TOL and _rel(got[1], want[1]) < REL_TOL, (rank, step, got, want)
 
 
 def test_tied_embeddings_split_over_two_pipeline_stages_match_one_rank(runs):

@@ -313,7 +313,8 @@ class FastPathConfig:
     Megatron's own output layer calls even when Transformer Engine runs the other linears."""
     overlap_grad_reduce: bool | None = None
     """Reduce (or reduce-scatter) gradient buckets during backward instead of after it
-    (Megatron-LM's --overlap-grad-reduce). Auto: on with CUDA and more than one data-parallel rank."""
+    (Megatron-LM's --overlap-grad-reduce). Auto: on with CUDA and more than one data-parallel rank;
+    true also runs over gloo (tests)."""
     overlap_param_gather: bool = False
     """Defer the distributed optimizer's parameter all-gather into the next forward
     (--overlap-param-gather). Off, unlike Megatron-LM's H100 setting: an opd step streams the

@@ -108,11 +108,13 @@ def resolve_fast_paths(cfg: FastPathConfig, caps: Capabilities, *, data_parallel
     grad_accum = no_cuda or (None if caps.apex_grad_accum else
                              "Apex's fused_weight_gradient_mlp_cuda kernel (NGC containers ship it; pip does not)")
     rope = no_cuda or (None if caps.transformer_engine else "Transformer Engine's fused RoPE kernel")
-    overlap = no_cuda or (None if data_parallel > 1 else "more than one data-parallel rank")
+    # Overlap needs only more than one DP rank (gloo overlaps too); auto turns it on with CUDA only.
+    overlap = None if data_parallel > 1 else "more than one data-parallel rank"
+    overlap_auto = cfg.overlap_grad_reduce if cfg.overlap_grad_reduce is not None else (caps.cuda and not overlap)
     return FastPaths(
         gradient_accumulation_fusion=_resolve("gradient_accumulation_fusion", cfg.gradient_accumulation_fusion,
                                               grad_accum),
-        overlap_grad_reduce=_resolve("overlap_grad_reduce", cfg.overlap_grad_reduce, overlap),
+        overlap_grad_reduce=_resolve("overlap_grad_reduce", overlap_auto, overlap),
         rope_fusion=_resolve("rope_fusion", cfg.rope_fusion, rope),
     )
 
