@@ -272,18 +272,22 @@ def test_on_smollm2_the_teacher_shown_the_answer_is_surer_of_it_than_the_student
     tok, engine = smollm2_tok, smollm2_engine
     teacher = SelfPITeacher(TeacherConfig(name="self", kind=TeacherKind.self_pi, pi_placement=PIPlacement(placement),
                                           pi_template=pi_template, top_k=8), engine, tok)
-    teacher_lp, student_lp = [], []
+    rollouts, digits = [], []
     for p, (a, b) in zip(sums_prompts(tok, tmp_path), SUMS):
         head = tok(f"{a} + {b} = ", add_special_tokens=False)["input_ids"]
         answer = tok(str(a + b), add_special_tokens=False)["input_ids"]
-        r = rollout(p, head + answer + [tok.eos_token_id])
-        digits = torch.arange(len(head), len(head) + len(answer))
-        (scores,) = teacher.score([r], 8)
-        with torch.no_grad():
-            logits = engine.model(input_ids=torch.cat([r.prompt_ids, r.response_ids])[None]).logits[0].double()
-        rows = torch.log_softmax(logits[r.prompt_ids.numel() - 1: -1], -1)
-        teacher_lp.append(float(scores.sampled_logprob[digits].sum()))
-        student_lp.append(float(rows[digits, r.response_ids[digits]].sum()))
+        rollouts.append(rollout(p, head + answer + [tok.eos_token_id]))
+        digits.append(torch.arange(len(head), len(head) + len(answer)))
+    sequences = [torch.cat([r.prompt_ids, r.response_ids]) for r in rollouts]
+    padded = torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True, padding_value=tok.pad_token_id)
+    with torch.no_grad():  # right padding: no real position attends to a pad
+        logits = engine.model(input_ids=padded).logits.double()
+    teacher_lp, student_lp = [], []
+    for i, (r, scores) in enumerate(zip(rollouts, teacher.score(rollouts, 8))):
+        p = r.prompt_ids.numel()
+        rows = torch.log_softmax(logits[i, p - 1: p - 1 + r.response_ids.numel()], -1)
+        teacher_lp.append(float(scores.sampled_logprob[digits[i]].sum()))
+        student_lp.append(float(rows[digits[i], r.response_ids[digits[i]]].sum()))
     teacher_lp, student_lp = torch.tensor(teacher_lp), torch.tensor(student_lp)
     print(f"{placement} {pi_template!r}: answer log p teacher {teacher_lp.mean():.2f}, student {student_lp.mean():.2f}")
     # Measured: teacher -2.94 / -1.94 / -1.20 against the student's -4.57, higher on all 8 prompts.
