@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 STEP_KEYS = {"top1%": "top1pct_share", "entropy": "entropy", "len": "response_len", "kl": "kl_sample",
              "clipped": "clipped_fraction"}
 EVAL_KEYS = ("greedy_accuracy", "pass@1", "pass@4")
@@ -84,7 +85,21 @@ def report(name: str, output: dict, series: dict, every: int, base_eval: dict, d
             cells = [at(series.get(label, []), step) for label in labels]
             print(f"  {int(step):4d} " + "".join(f"{'-':>10s}" if c is None else f"{c:10.3f}" for c in cells))
     alarms = output.get("warnings") or ["none"]
-    print("  alarms: " + "; ".join(alarms))
+    print("  alarms during the run (entropy, response_len): " + "; ".join(alarms))
+    print("  replayed with reward watched too: " + "; ".join(replay_alarm(output["history"]) or ["none"]))
+
+
+def replay_alarm(history: list[dict], watched=("entropy", "response_len", "reward")) -> list[str]:
+    """The run's own per-step diagnostics fed through the Alarm as if it had watched ``watched``."""
+    from mopd.config import DiagnosticsConfig
+    from mopd.diagnostics import Alarm
+
+    alarm = Alarm(DiagnosticsConfig(alarm_on=list(watched), alarm_drop=0.5, alarm_window=5))
+    fired = []
+    for row in history:
+        if "train/loss" in row:
+            fired += [e.message for e in alarm.update(int(row["step"]), {k: v for k, v in row.items() if v is not None})]
+    return fired
 
 
 def plot(branches: dict[str, dict], path: Path) -> None:

@@ -172,3 +172,11 @@ def test_the_opd_loop_checkpoints_at_the_alarm_or_stops_keeping_the_last_good_ch
     assert not (stopped / "output.json").exists()
     stopped_rows = [json.loads(line) for line in (stopped / "metrics.jsonl").read_text().splitlines()]
     assert [r[KEY] for r in stopped_rows if KEY in r] == pytest.approx(series[:fired], rel=1e-5)
+
+
+def test_the_alarm_can_watch_the_rollouts_reward():
+    alarm = Alarm(DiagnosticsConfig(alarm_on=["reward"], alarm_window=2, alarm_drop=0.5))
+    fired = [e for step, r in enumerate([0.4, 0.4, 0.3, 0.2, 0.0], start=1)
+             for e in alarm.update(step, {"rollout/reward": r, "teacher/t/entropy": 0.0})]
+    assert [(e.key, e.step) for e in fired] == [("rollout/reward", 5)]  # step 4: 0.25 (37.5%); step 5: 0.1 (75%)
+    assert load_config(None, ["diagnostics.alarm_on=[reward]"]).diagnostics.alarm_on == ["reward"]

@@ -215,7 +215,9 @@ class DiagnosticsConfig:
     alarm_drop: float = 0.5
     """Warn when a watched diagnostic falls by more than this fraction from the start."""
     alarm_on: list[str] = field(default_factory=lambda: ["entropy", "response_len"])
-    """Per-teacher diagnostics the alarm watches (entropy, response_len)."""
+    """What the alarm watches: per-teacher entropy, response_len, and/or reward (rollout/reward, the
+    verifier's accuracy on the step's rollouts; catches a teacher that drags the student off the task
+    while entropy rises, as the shared-rule OPSD run of bench/opsd_failure_modes.py did)."""
     alarm_window: int = 5
     """Steps averaged at the start and at the current point for the alarm."""
     on_alarm: AlarmAction = AlarmAction.warn
@@ -226,9 +228,10 @@ class DiagnosticsConfig:
         out = positive(self, "position_buckets", "alarm_window")
         if not 0.0 < self.alarm_drop < 1.0:
             out.append(Problem("alarm_drop", self.alarm_drop, "must be in (0, 1)"))
-        unknown = sorted(set(self.alarm_on) - {"entropy", "response_len"})
+        unknown = sorted(set(self.alarm_on) - {"entropy", "response_len", "reward"})
         if unknown:
-            out.append(Problem("alarm_on", unknown, "must name diagnostics among ['entropy', 'response_len']"))
+            out.append(Problem("alarm_on", unknown, "must name diagnostics among ['entropy', 'response_len', "
+                                                    "'reward']"))
         return out
 
 
