@@ -12,6 +12,7 @@ Tokens themselves are drawn from the processed distribution (temperature, then t
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -54,6 +55,11 @@ class EmbeddedEngine(Engine):
         self.max_batch_size = max_batch_size
         self.weight_version = 0
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        # Decoding reads only the last position's logits; models that can skip the LM head on the
+        # others (transformers' `logits_to_keep`, as its own `generate` does) save a [B, P, V]
+        # projection per prefill, which at a real vocabulary is most of the prefill's cost.
+        params = inspect.signature(model.forward).parameters
+        self._last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
     @classmethod
     def from_pretrained(
@@ -131,7 +137,8 @@ class EmbeddedEngine(Engine):
         for step in range(sampling.max_new_tokens):
             positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
             out = self.model(
-                input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+                input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+                **self._last_logits_only,
             )
             cache, logits = out.past_key_values, out.logits[:, -1].float()
             next_ids = _sample(logits, sampling, [s.generator for s in seqs])
