@@ -56,6 +56,19 @@ def opd_only(run_dir: Path, source: Path) -> list[str]:
     return [f"output_dir={run_dir.parent}", f"name={run_dir.name}", f"stages={stages}"]
 
 
+def assert_summary_reports_each_stage_own_eval(run_dir: Path, roles: tuple[str, ...]) -> dict:
+    """Each summary accuracy is the greedy accuracy its stage recorded (an expert's: the domain's own
+    teacher stage); returns the summary."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    by_role = {s["role"]: name for name, s in summary["stages"].items()}
+    for domain, row in summary["domains"].items():
+        for role in roles:
+            stage = row["teacher_stage"] if role == "teacher" else by_role[role]
+            recorded = json.loads((run_dir / "stages" / stage / "output.json").read_text())["eval"]
+            assert row[role] == recorded[domain]["greedy_accuracy"], (domain, role, stage)
+    return summary
+
+
 def history(run_dir: Path, stage: str) -> list[dict]:
     return json.loads((run_dir / "stages" / stage / "output.json").read_text())["history"]
 
@@ -72,14 +85,13 @@ def full_run(tmp_path_factory) -> Path:
 
 
 def test_full_run_writes_every_stage_a_summary_and_a_plot(full_run):
-    summary = json.loads((full_run / "summary.json").read_text())
+    summary = assert_summary_reports_each_stage_own_eval(
+        full_run, ("base", "teacher", "student", "sft_baseline", "weight_average"))
     assert set(summary["stages"]) == {"base", "expert_reverse", "expert_caesar", "unify", "sft_baseline",
                                       "weight_average", "export"}
-    for domain in ("reverse", "caesar"):
-        row = summary["domains"][domain]
-        for role in ("base", "teacher", "student", "sft_baseline", "weight_average"):
-            assert 0.0 <= row[role] <= 1.0
+    assert set(summary["domains"]) == {"reverse", "caesar"}
     assert summary["domains"]["reverse"]["teacher_stage"] == "expert_reverse"
+    assert summary["domains"]["caesar"]["teacher_stage"] == "expert_caesar"
     assert all(s["wall_s"] > 0 for name, s in summary["stages"].items() if name != "export")  # a copy: ~ms
     assert (full_run / "summary.png").stat().st_size > 10_000
     keys = set().union(*history(full_run, "unify"))
@@ -131,9 +143,32 @@ def test_weight_average_is_the_mean_of_the_experts_and_export_loads(full_run):
     AutoModelForCausalLM.from_pretrained(full_run / "export" / "export")
 
 
-def test_sft_lowers_the_loss_of_an_expert(full_run):
-    values = losses(full_run, "expert_reverse")
-    assert values[-1] < values[0]
+def held_out_answer_nll(hf_dir: Path, domain: str) -> float:
+    """Mean float64 negative log-likelihood of the reference answers (+ EOS) of 16 held-out prompts
+    of ``domain``, by transformers from the exported HF folder: a reference independent of mopd's loss."""
+    from transformers import AutoModelForCausalLM
+
+    from mopd.data.synthetic import generate
+    from mopd.data.tokenizer import build_char_tokenizer
+
+    tok, model = build_char_tokenizer(), AutoModelForCausalLM.from_pretrained(hf_dir).double().eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ex in generate(domain, 16, "eval", seed=11):
+            prompt = tok(ex.prompt)["input_ids"]
+            answer = tok(ex.reference, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            logp = torch.log_softmax(model(input_ids=torch.tensor([prompt + answer])).logits[0], -1)
+            targets = torch.tensor(answer)
+            total -= float(logp[len(prompt) - 1:-1].gather(1, targets[:, None]).sum())
+            count += len(answer)
+    return total / count
+
+
+def test_sft_makes_each_expert_better_than_the_base_at_its_domain_on_held_out_answers(full_run):
+    for expert, domain in (("expert_reverse", "reverse"), ("expert_caesar", "caesar")):
+        base = held_out_answer_nll(full_run / "stages" / "base" / "hf", domain)
+        trained = held_out_answer_nll(full_run / "stages" / expert / "hf", domain)
+        assert trained < base - 0.05, (expert, trained, base)
 
 
 def test_opd_killed_mid_run_resumes_to_the_same_metrics(full_run, tmp_path):
@@ -181,19 +216,20 @@ def test_opsd_config_runs_pi_self_distillation_and_reports_before_and_after(tmp_
               "student.train.global_batch_size=16", "student.train.micro_batch_size=16", "data.num_prompts=100",
               "student.optimizer.warmup_steps=0",
               "eval.num_prompts=8", "eval.samples_per_prompt=2", "eval.pass_k=[1,2]", "checkpoint.save_every=0",
+              "eval.at_start=true", "eval.teacher_kl=[self]",
               "logging.wandb_mode=disabled", "logging.progress_bar=false",
               "stages=[{name: base, kind: sft, role: base, overrides: [student.train.steps=6]}, "
               "{name: opsd, kind: opd, role: student, init_from: base, overrides: [student.train.steps=3]}]"]
     run_mopd("run", str(config), f"output_dir={tmp_path}", *shrink)
-    summary = json.loads((tmp_path / "opsd" / "summary.json").read_text())
-    row = summary["domains"]["caesar"]
-    assert 0.0 <= row["base"] <= 1.0 and 0.0 <= row["student"] <= 1.0
+    summary = assert_summary_reports_each_stage_own_eval(tmp_path / "opsd", ("base", "student"))
     assert any(line.startswith("caesar: base ") for line in summary["verdicts"]["plainly"])
     steps = [r for r in history(tmp_path / "opsd", "opsd") if "train/loss" in r]
     assert len(steps) == 3 and all(r["teacher/self/routed_tokens"] == r["train/tokens"] for r in steps)
-    # The teacher is the frozen base shown the answer: its view of the student's tokens differs from
-    # the student's own (a KL of exactly 0 would mean the PI never reached the teacher's context).
-    assert all(abs(r["teacher/self/kl_sample"]) > 1e-4 for r in steps)
+    # Before the first step the student IS the teacher's weights, so the teacher's reverse KL to it
+    # measures the PI alone: 0 up to float32 round-off (~1e-7) if the answer never reached the
+    # teacher's context. (Six base steps barely teach it to read the answer: ~2e-3 nats per token.)
+    start = [r for r in history(tmp_path / "opsd", "opsd") if r["step"] == 0.0 and "eval/caesar/teacher_kl/self" in r]
+    assert len(start) == 1 and start[0]["eval/caesar/teacher_kl/self"] > 5e-4, start
 
 
 def test_overlapped_generation_uses_weights_exactly_one_version_old(full_run, tmp_path):
@@ -231,6 +267,9 @@ def test_per_token_routing_runs_in_the_loop_and_accounts_for_every_token(full_ru
     assert len(rows) == 2
     for r in rows:
         assert r["teacher/rev/routed_tokens"] + r["teacher/rot/routed_tokens"] == r["train/tokens"]
+    # Per token, not per prompt: some rollout's tokens went to both teachers, so the rollouts counted
+    # per teacher add up to more than the 16 rollouts of a step (per-prompt routing: exactly 16).
+    assert any(r["teacher/rev/routed_rollouts"] + r["teacher/rot/routed_rollouts"] > 16 for r in rows), rows
 
 
 def test_opd_with_sglang_as_the_rollout_engine_over_http(full_run, tmp_path):
