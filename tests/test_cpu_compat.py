@@ -20,11 +20,13 @@ def _raises(fn) -> bool:
 
 
 def _patch_checks() -> dict:
+    import megatron.core.optimizer as moptimizer
     from megatron.core.tensor_parallel import random as mrandom
 
     from mopd.parallel import cpu_compat
 
     original_current_device = torch.cuda.current_device
+    original_builder = moptimizer._get_megatron_optimizer_based_on_param_groups
     out = {"before_cuda_tensor_raises": _raises(lambda: torch.zeros(1, device="cuda")),
            "before_current_device_raises": _raises(torch.cuda.current_device)}
     depth = torch._C._len_torch_function_stack()
@@ -38,9 +40,11 @@ def _patch_checks() -> dict:
     out["float_type"] = torch.ones(1).type()
     out["bf16_type"] = torch.ones(1, dtype=torch.bfloat16).type()
     out["type_with_dtype_still_converts"] = torch.ones(1).type(torch.float64).dtype == torch.float64
+    out["builder_wrapped"] = moptimizer._get_megatron_optimizer_based_on_param_groups.__wrapped__ is original_builder
     cpu_compat.deactivate()
     out["after_cuda_tensor_raises"] = _raises(lambda: torch.zeros(1, device="cuda"))
     out["current_device_restored"] = torch.cuda.current_device is original_current_device
+    out["builder_restored"] = moptimizer._get_megatron_optimizer_based_on_param_groups is original_builder
     out["tracker_add_restored"] = mrandom.CudaRNGStatesTracker.add.__module__ == mrandom.__name__
     out["mode_popped"] = torch._C._len_torch_function_stack() == depth
     return out
@@ -134,6 +138,7 @@ def test_activation_turns_cuda_requests_into_cpu_tensors_and_deactivation_undoes
         assert p["type_with_dtype_still_converts"]
         assert p["after_cuda_tensor_raises"] and p["current_device_restored"]
         assert p["tracker_add_restored"] and p["mode_popped"]
+        assert p["builder_wrapped"] and p["builder_restored"]
 
 
 def test_rng_tracker_forks_are_reproducible_per_tp_rank_and_leave_the_default_stream_alone(results):
@@ -161,3 +166,27 @@ def test_dropout_under_tp2_is_reproducible_from_the_seed_and_actually_drops(resu
         first, second = r["tp2"]["dropout_runs"]
         assert torch.equal(first, second)
         assert (first - r["tp2"]["logits"]).abs().max() > 1e-3
+
+
+def test_cpu_adam_is_switched_to_the_fused_kernel_and_takes_the_adam_step():
+    """The optimizer Megatron wraps becomes fused=True; its first step equals Adam's float64 formula."""
+    from types import SimpleNamespace
+
+    from mopd.parallel.cpu_compat import _fuse_cpu_adam
+
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(300, generator=gen), torch.randn(7, 5, generator=gen)]
+    grads = [torch.randn(w.shape, generator=gen) for w in weights]
+    params = [torch.nn.Parameter(w.clone()) for w in weights]
+    adam = torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    _fuse_cpu_adam(SimpleNamespace(optimizer=adam))
+    assert all(g["fused"] is True and g["foreach"] is False for g in adam.param_groups)
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    adam.step()
+    for p, w, g in zip(params, weights, grads):
+        # First step with bias correction: m_hat = g, v_hat = g**2, so the update is lr * g / (|g| + eps).
+        g64 = g.double()
+        expected = w.double() - 1e-2 * g64 / (g64.abs() + 1e-8)
+        torch.testing.assert_close(p.detach().double(), expected, rtol=0, atol=1e-6)
+    assert adam.state[params[0]]["step"].item() == 1

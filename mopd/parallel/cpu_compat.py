@@ -24,6 +24,11 @@ on CPU changes. ``activate()`` applies all of them, once per process, and only w
    write the CPU default generator, so ``fork()`` gives reproducible, per-TP-rank dropout. The
    tracker's "CPU RNG state changed within GPU RNG context" warning, true by construction here, is
    filtered out.
+5. Adam on CPU. Without Apex or Transformer Engine, Megatron builds ``torch.optim.AdamW`` with
+   PyTorch's defaults, which on CPU are the single-tensor loop: about a dozen full passes over the
+   parameters, moments and gradients per step. PyTorch ships a fused CPU Adam(W) kernel (one pass,
+   same update rule), so every CPU fp32/bf16 Adam Megatron builds is switched to ``fused=True``.
+   This is a speed change, not a fallback for an error, and it only runs where 1-4 do (no CUDA).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 _CUDA_TO_CPU = ("current_device", "current_stream", "stream", "synchronize")
+_FUSED_ADAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _state: dict[str, object] = {}
 """What ``activate`` replaced (to restore it in ``deactivate``); empty while inactive."""
 
@@ -87,6 +93,27 @@ def _tracker_add(self, name: str, seed: int) -> None:
     self.states_[name] = torch.Generator().manual_seed(seed).get_state()
 
 
+def _fuse_cpu_adam(optimizer) -> None:
+    """Turn a torch Adam(W) inside a Megatron optimizer into PyTorch's fused CPU kernel."""
+    inner = getattr(optimizer, "optimizer", None)
+    if not isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+        return
+    for group in inner.param_groups:
+        cpu_float = all(p.device.type == "cpu" and p.dtype in _FUSED_ADAM_DTYPES for p in group["params"])
+        if cpu_float and not group.get("differentiable") and not group.get("capturable"):
+            group["fused"], group["foreach"] = True, False
+
+
+def _fused_adam_builder(original):
+    def build(*args, **kwargs):
+        optimizer = original(*args, **kwargs)
+        _fuse_cpu_adam(optimizer)
+        return optimizer
+
+    build.__wrapped__ = original
+    return build
+
+
 def is_active() -> bool:
     return bool(_state)
 
@@ -95,6 +122,7 @@ def activate() -> bool:
     """Apply the patches if no CUDA device is available; idempotent. Returns whether it is active."""
     if _state or torch.cuda.is_available():
         return bool(_state)
+    import megatron.core.optimizer as moptimizer
     from megatron.core.tensor_parallel import random as mrandom
 
     for name in _CUDA_TO_CPU:
@@ -105,6 +133,8 @@ def activate() -> bool:
         setattr(mrandom, name, new)
     _state["tracker.add"] = mrandom.CudaRNGStatesTracker.add
     mrandom.CudaRNGStatesTracker.add = _tracker_add
+    _state["optimizer_builder"] = moptimizer._get_megatron_optimizer_based_on_param_groups
+    moptimizer._get_megatron_optimizer_based_on_param_groups = _fused_adam_builder(_state["optimizer_builder"])
     fork_filter = _DropForkWarning()
     logging.getLogger(mrandom.__name__).addFilter(fork_filter)
     _state["fork_filter"] = fork_filter
@@ -123,6 +153,9 @@ def deactivate() -> None:
     _state.pop("mode").__exit__(None, None, None)
     logging.getLogger(mrandom.__name__).removeFilter(_state.pop("fork_filter"))
     mrandom.CudaRNGStatesTracker.add = _state.pop("tracker.add")
+    import megatron.core.optimizer as moptimizer
+
+    moptimizer._get_megatron_optimizer_based_on_param_groups = _state.pop("optimizer_builder")
     for key, original in list(_state.items()):
         owner, name = key.split(".", 1)
         setattr(torch.cuda if owner == "cuda" else mrandom, name, original)
