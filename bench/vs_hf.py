@@ -158,7 +158,8 @@ def _parse():
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--profile", action="store_true", help="profile one train step of each side instead")
-    p.add_argument("--phases", default="train,generate,score")
+    p.add_argument("--phases", default="train,generate,score",
+                   help="also: train-before, generate-before (each change of issue #14 undone, same process)")
     return p.parse_args()
 
 
@@ -202,12 +203,33 @@ def main() -> None:
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=NEW, seed=3)
     prompts, requests = _prompts(tokens), _score_requests(tokens)
     score_ids = tokens  # every request has the same length: the prefill batch needs no padding
+    def mopd_train_unfused():  # the step as it was before cpu_compat switched Adam to the fused kernel
+        groups = [g for opt in getattr(optimizer, "chained_optimizers", [optimizer]) for g in opt.optimizer.param_groups]
+        saved = [(g["fused"], g["foreach"]) for g in groups]
+        for g in groups:
+            g["fused"], g["foreach"] = None, None
+        try:
+            mopd_train()
+        finally:
+            for g, (fused, foreach) in zip(groups, saved):
+                g["fused"], g["foreach"] = fused, foreach
+
+    def generate_all_logits():  # the engine as it was before it asked for the last position's logits only
+        saved, engine._last_logits_only = engine._last_logits_only, {}
+        try:
+            engine.generate(prompts, sampling)
+        finally:
+            engine._last_logits_only = saved
+
     pairs = {
         "train": (mopd_train, hf_train.step, "mopd train_step", "transformers fwd+bwd+clip+AdamW"),
         "generate": (lambda: engine.generate(prompts, sampling), lambda: _hf_generate(rollout_model, prompts, pad),
                      "EmbeddedEngine.generate", "transformers generate"),
         "score": (lambda: engine.score(requests, TOPK), lambda: _prefill(rollout_model, score_ids),
                   "EmbeddedEngine.score", "one prefill"),
+        "train-before": (mopd_train_unfused, hf_train.step, "mopd, unfused Adam", "transformers fwd+bwd+clip+AdamW"),
+        "generate-before": (generate_all_logits, lambda: _hf_generate(rollout_model, prompts, pad),
+                            "Engine, all-position logits", "transformers generate"),
     }
     phases = [p for p in args.phases.split(",") if p]
     times = {p: ([], []) for p in phases}
@@ -225,7 +247,7 @@ def main() -> None:
     for phase in phases:
         _, _, mopd_name, hf_name = pairs[phase]
         m, h = (statistics.median(x) for x in times[phase])
-        print(f"  {phase:8s} {mopd_name:24s} {m * 1e3:8.0f} ms   {hf_name:32s} {h * 1e3:8.0f} ms   "
+        print(f"  {phase:15s} {mopd_name:27s} {m * 1e3:8.0f} ms   {hf_name:32s} {h * 1e3:8.0f} ms   "
               f"ratio mopd/transformers {m / h:.2f}x")
     print(f"end: {_uptime()}")
 
@@ -236,10 +258,13 @@ def _profile(fns: dict) -> None:
     for fn in fns.values():
         fn()  # warm-up (first steps allocate optimizer state)
     for name, fn in fns.items():
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             fn()
         print(f"--- {name}: top entries by self CPU time")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60))
+        print(f"--- {name}: top (op, input shapes) by self CPU time")
+        print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=12,
+                                                                  max_name_column_width=30, max_shapes_column_width=70))
 
 
 if __name__ == "__main__":
