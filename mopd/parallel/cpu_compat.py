@@ -29,6 +29,11 @@ on CPU changes. ``activate()`` applies all of them, once per process, and only w
    parameters, moments and gradients per step. PyTorch ships a fused CPU Adam(W) kernel (one pass,
    same update rule), so every CPU fp32/bf16 Adam Megatron builds is switched to ``fused=True``.
    This is a speed change, not a fallback for an error, and it only runs where 1-4 do (no CUDA).
+6. One-rank buffer collectives. With one data-parallel rank the distributed optimizer still
+   reduce-scatters the whole gradient buffer and all-gathers the whole parameter buffer onto
+   themselves; over gloo each is a full copy of the model (two of the three 134M-element copies
+   in a SmolLM2 step). When the group has one rank and the output is the input's own memory the
+   collective is the identity, so the synchronous call is skipped (async calls run as before).
 """
 
 from __future__ import annotations
@@ -114,6 +119,23 @@ def _fused_adam_builder(original):
     return build
 
 
+def _skip_one_rank_self_collective(original):
+    """A buffer collective that does nothing when it would copy a one-rank group's tensor onto itself."""
+
+    def call(output, input, *args, **kwargs):
+        group, async_op = kwargs.get("group"), kwargs.get("async_op", False)
+        if (not async_op and torch.distributed.get_world_size(group) == 1 and output.data_ptr() == input.data_ptr()
+                and output.numel() == input.numel() and output.dtype == input.dtype):
+            return None
+        return original(output, input, *args, **kwargs)
+
+    call.__wrapped__ = original
+    return call
+
+
+_BUFFER_COLLECTIVES = ("dist_reduce_scatter_func", "dist_all_gather_func")
+
+
 def is_active() -> bool:
     return bool(_state)
 
@@ -135,6 +157,11 @@ def activate() -> bool:
     mrandom.CudaRNGStatesTracker.add = _tracker_add
     _state["optimizer_builder"] = moptimizer._get_megatron_optimizer_based_on_param_groups
     moptimizer._get_megatron_optimizer_based_on_param_groups = _fused_adam_builder(_state["optimizer_builder"])
+    from megatron.core.distributed import param_and_grad_buffer as buffers
+
+    for name in _BUFFER_COLLECTIVES:
+        _state[f"buffers.{name}"] = getattr(buffers, name)
+        setattr(buffers, name, _skip_one_rank_self_collective(_state[f"buffers.{name}"]))
     fork_filter = _DropForkWarning()
     logging.getLogger(mrandom.__name__).addFilter(fork_filter)
     _state["fork_filter"] = fork_filter
@@ -156,6 +183,10 @@ def deactivate() -> None:
     import megatron.core.optimizer as moptimizer
 
     moptimizer._get_megatron_optimizer_based_on_param_groups = _state.pop("optimizer_builder")
+    from megatron.core.distributed import param_and_grad_buffer as buffers
+
+    for name in _BUFFER_COLLECTIVES:
+        setattr(buffers, name, _state.pop(f"buffers.{name}"))
     for key, original in list(_state.items()):
         owner, name = key.split(".", 1)
         setattr(torch.cuda if owner == "cuda" else mrandom, name, original)
