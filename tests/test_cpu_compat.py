@@ -21,12 +21,14 @@ def _raises(fn) -> bool:
 
 def _patch_checks() -> dict:
     import megatron.core.optimizer as moptimizer
+    from megatron.core.distributed import param_and_grad_buffer as buffers
     from megatron.core.tensor_parallel import random as mrandom
 
     from mopd.parallel import cpu_compat
 
     original_current_device = torch.cuda.current_device
     original_builder = moptimizer._get_megatron_optimizer_based_on_param_groups
+    original_reduce_scatter = buffers.dist_reduce_scatter_func
     out = {"before_cuda_tensor_raises": _raises(lambda: torch.zeros(1, device="cuda")),
            "before_current_device_raises": _raises(torch.cuda.current_device)}
     depth = torch._C._len_torch_function_stack()
@@ -40,10 +42,12 @@ def _patch_checks() -> dict:
     out["float_type"] = torch.ones(1).type()
     out["bf16_type"] = torch.ones(1, dtype=torch.bfloat16).type()
     out["type_with_dtype_still_converts"] = torch.ones(1).type(torch.float64).dtype == torch.float64
+    out["reduce_scatter_wrapped"] = buffers.dist_reduce_scatter_func.__wrapped__ is original_reduce_scatter
     out["builder_wrapped"] = moptimizer._get_megatron_optimizer_based_on_param_groups.__wrapped__ is original_builder
     cpu_compat.deactivate()
     out["after_cuda_tensor_raises"] = _raises(lambda: torch.zeros(1, device="cuda"))
     out["current_device_restored"] = torch.cuda.current_device is original_current_device
+    out["reduce_scatter_restored"] = buffers.dist_reduce_scatter_func is original_reduce_scatter
     out["builder_restored"] = moptimizer._get_megatron_optimizer_based_on_param_groups is original_builder
     out["tracker_add_restored"] = mrandom.CudaRNGStatesTracker.add.__module__ == mrandom.__name__
     out["mode_popped"] = torch._C._len_torch_function_stack() == depth
@@ -139,6 +143,7 @@ def test_activation_turns_cuda_requests_into_cpu_tensors_and_deactivation_undoes
         assert p["after_cuda_tensor_raises"] and p["current_device_restored"]
         assert p["tracker_add_restored"] and p["mode_popped"]
         assert p["builder_wrapped"] and p["builder_restored"]
+        assert p["reduce_scatter_wrapped"] and p["reduce_scatter_restored"]
 
 
 def test_rng_tracker_forks_are_reproducible_per_tp_rank_and_leave_the_default_stream_alone(results):
