@@ -159,7 +159,8 @@ def _parse():
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--profile", action="store_true", help="profile one train step of each side instead")
     p.add_argument("--phases", default="train,generate,score",
-                   help="also: train-before, generate-before (each change of issue #14 undone, same process)")
+                   help="also: train-before (Adam unfused; the one-rank collective skip stays), "
+                        "generate-before (all-position logits), each in the same process")
     return p.parse_args()
 
 
