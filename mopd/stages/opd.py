@@ -99,8 +99,10 @@ def _loop(run: StageRun, engine, teachers: TeacherSet, sync: WeightSync, loss_fn
 
 
 def step_sampling(config: RunConfig, step: int) -> SamplingConfig:
-    """Sampling with a seed derived from (seed, step): rollouts depend on nothing but the weights and
-    the step, so a resumed run draws exactly what the uninterrupted run drew."""
+    """Sampling with a seed derived from (seed, step). The embedded engine honours it, so there a
+    resumed run draws exactly what the uninterrupted run drew; a default SGLang 0.5.23 server ignores
+    per-request seeds (only ``--enable-deterministic-inference`` uses them), so SGLang rollouts are not
+    reproducible across a resume and mopd never retries a generation as if they were."""
     base = config.rollout.sampling.seed if config.rollout.sampling.seed is not None else config.seed
     return replace(config.rollout.sampling, seed=(base * 1_000_003 + step) % 2**31)
 
