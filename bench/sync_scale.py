@@ -87,7 +87,8 @@ def _servers(cfg, n: int):
 
     from mopd.hf.families import hf_config_from_model
     from mopd.rollout.embedded import EmbeddedEngine
-    from sglang_protocol_server import ProtocolServer, load_api_types
+    from sglang_protocol_server import ProtocolServer
+    from sglang_wheel import load_api_types
 
     api = load_api_types()
     if api is None:

@@ -276,7 +276,8 @@ def test_opd_with_sglang_as_the_rollout_engine_over_http(full_run, tmp_path):
     """rollout.engine=sglang against the protocol server (SGLang's own schema checks every request and
     response): rollouts come over HTTP and every step's weights reach the server through disk sync."""
     from safetensors.torch import load_file
-    from sglang_protocol_server import ProtocolServer, load_api_types
+    from sglang_protocol_server import ProtocolServer
+    from sglang_wheel import load_api_types
 
     from mopd.rollout.embedded import EmbeddedEngine
 

@@ -25,7 +25,8 @@ from mopd.rollout.engine import ScoreRequest
 from mopd.rollout.sglang_client import ApiKeys, AuthError, CallTimeout, SGLangEngine, WeightSyncOptions
 from mopd.teachers.transport import pack, unpack
 from mopd.types import Prompt
-from sglang_protocol_server import Fault, ProtocolServer, load_api_types, tiny_llama
+from sglang_protocol_server import Fault, ProtocolServer, tiny_llama
+from sglang_wheel import load_api_types
 
 API = load_api_types()
 needs_schema = pytest.mark.skipif(
@@ -367,7 +368,7 @@ def test_the_protocol_server_applies_sglangs_auth_levels(keyed_server):
 
 @needs_schema
 def test_the_client_sends_the_admin_key_exactly_where_sglang_requires_it():
-    from sglang_protocol_server import endpoint_auth_levels
+    from sglang_wheel import endpoint_auth_levels
 
     from mopd.rollout.sglang_client import ADMIN_PATHS
 

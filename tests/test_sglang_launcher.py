@@ -30,7 +30,8 @@ from mopd.rollout.sglang_launcher import (
     sglang_engine,
     sglang_python,
 )
-from sglang_protocol_server import load_api_types, tiny_llama
+from sglang_protocol_server import tiny_llama
+from sglang_wheel import load_api_types
 
 FAKE_SERVER = [sys.executable, str(Path(__file__).with_name("sglang_protocol_server.py"))]
 

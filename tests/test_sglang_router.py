@@ -25,7 +25,8 @@ from mopd.rollout.embedded import EmbeddedEngine
 from mopd.rollout.engine import ScoreRequest
 from mopd.rollout.sglang_client import ApiKeys, AuthError, SGLangEngine, WeightSyncOptions
 from mopd.types import Prompt
-from sglang_protocol_server import ProtocolServer, load_api_types, tiny_llama
+from sglang_protocol_server import ProtocolServer, tiny_llama
+from sglang_wheel import load_api_types
 
 API = load_api_types()
 pytestmark = [pytest.mark.timeout(180), pytest.mark.skipif(API is None, reason="keys need the sglang wheel's auth.py")]

@@ -249,7 +249,7 @@ def _sglang_cases(chunks, cfg: StudentConfig, layout, tmp: str) -> dict:
     from mopd.sync import WeightSync
     from mopd.sync.stage_senders import rollout_weight_sync
     from mopd.sync.traffic import count_traffic
-    from sglang_protocol_server import load_api_types
+    from sglang_wheel import load_api_types
 
     api = load_api_types()
     row: dict = {"sglang_available": api is not None}
