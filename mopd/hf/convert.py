@@ -18,10 +18,8 @@ target only at the very end, and removed if anything fails.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +30,7 @@ from omegaconf import OmegaConf
 from mopd.config import ModelConfig, ParallelConfig, StudentConfig, build_config
 from mopd.errors import CheckpointError, ConfigError
 from mopd.hf import families, mapping
+from mopd.hf.folder import atomic_dir
 from mopd.hf.layout import meta_sharded_state_dict, single_process_megatron
 from mopd.hf.stream import HFReader, ShardedSafetensorsWriter, TensorSpec
 
@@ -59,7 +58,7 @@ def import_hf(hf_dir: str | Path, megatron_dir: str | Path, *, tp: int = 1, pp: 
     _check_hf_tensors(reader, cfg)
     dtype = reader.dtype(mapping.global_rules(cfg)[0].hf[0])
     padded = mapping.padded_vocab_size(cfg, tp)
-    with _atomic_dir(out) as tmp, single_process_megatron():
+    with atomic_dir(out) as tmp, single_process_megatron():
         _save_lazily(reader, cfg, padded, dtype, tmp)
         _copy_assets(hf_dir, tmp)
         (tmp / HF_CONFIG_COPY).write_text(json.dumps(hf_config, indent=2) + "\n")
@@ -85,7 +84,7 @@ def export_hf(megatron_dir: str | Path, hf_dir: str | Path, *, model_cfg: ModelC
     cfg = model_cfg or read_model_yaml(src / MODEL_YAML)
     assets = Path(assets_from) if assets_from is not None else src
     old_config = _read_json(assets / HF_CONFIG_COPY) or _read_json(assets / "config.json")
-    with _atomic_dir(out) as tmp, single_process_megatron():
+    with atomic_dir(out) as tmp, single_process_megatron():
         dtype = dtype or _checkpoint_dtype(src)
         specs = [TensorSpec(name, shape, dtype) for name, shape in mapping.expected_hf_shapes(cfg).items()]
         writer = ShardedSafetensorsWriter(tmp, specs, max_shard_bytes=max_shard_bytes)
@@ -254,22 +253,6 @@ def _checkpoint_dtype(src: Path) -> torch.dtype:
     if key not in meta:
         raise CheckpointError(f"{src} holds no {key!r}; is it a GPT model checkpoint?")
     return meta[key].dtype
-
-
-@contextlib.contextmanager
-def _atomic_dir(out: Path) -> Iterator[Path]:
-    """A hidden sibling of `out` that becomes `out` only if the block finishes; removed on any failure."""
-    if out.exists():
-        raise CheckpointError(f"output folder {out} already exists; remove it or choose another")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _copy_assets(src: Path, dst: Path) -> None:

@@ -13,15 +13,17 @@ SGLang's ``--model-path`` read it as they read any HF checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 
 from mopd.config import ModelConfig
+from mopd.errors import CheckpointError
 from mopd.hf.families import hf_config_from_model
 from mopd.hf.mapping import expected_hf_shapes
 from mopd.hf.stream import ShardedSafetensorsWriter, TensorSpec
@@ -50,10 +52,7 @@ class HFFolderWriter:
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         specs = [TensorSpec(name, shape, self.dtype) for name, shape in expected_hf_shapes(self.cfg).items()]
-        tmp = self.out.with_name(f".{self.out.name}.partial-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
+        with atomic_dir(self.out, replace=True) as tmp:
             writer = ShardedSafetensorsWriter(tmp, specs, max_shard_bytes=self.max_shard_bytes, any_order=True)
             for name, tensor in named_tensors:
                 data = tensor.detach().to(device="cpu", dtype=self.dtype)
@@ -62,10 +61,6 @@ class HFFolderWriter:
                 del data
             writer.close(metadata={"weight_version": str(version)})
             self._write_configs(tmp)
-            shutil.rmtree(self.out, ignore_errors=True)
-            os.replace(tmp, self.out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     def _write_configs(self, folder: Path) -> None:
         tok = self.tokenizer
@@ -78,4 +73,24 @@ class HFFolderWriter:
             tok.save_pretrained(folder)
 
 
-__all__ = ["HFFolderWriter"]
+@contextlib.contextmanager
+def atomic_dir(out: str | Path, *, replace: bool = False) -> Iterator[Path]:
+    """A hidden sibling of ``out`` that becomes ``out`` only if the block finishes; removed on any
+    failure. An existing ``out`` is refused, or with ``replace`` swapped out once the new one is complete."""
+    out = Path(out)
+    if out.exists() and not replace:
+        raise CheckpointError(f"output folder {out} already exists; remove it or choose another")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+__all__ = ["HFFolderWriter", "atomic_dir"]

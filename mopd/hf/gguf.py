@@ -17,14 +17,13 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
-import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from mopd.errors import CheckpointError
+from mopd.hf.folder import atomic_dir
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -57,7 +56,7 @@ def gguf_to_hf(gguf_file: str | Path, hf_dir: str | Path, *, dtype: str = "bf16"
     del loaded
     fresh = fresh.to(DTYPES[dtype])
 
-    with _atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp:
         fresh.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         _drop_quantization_config(tmp / "config.json")
@@ -81,7 +80,7 @@ def gguf_tokenizer_to_hf(gguf_file: str | Path, tokenizer_dir: str | Path) -> Pa
 
     with _header_only_gguf_reader():
         tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
-    with _atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp:
         tokenizer.save_pretrained(str(tmp))
     return out
 
@@ -102,20 +101,6 @@ def _header_only_gguf_reader() -> Iterator[None]:
         yield
     finally:
         GGUFReader._build_tensors = original
-
-
-@contextlib.contextmanager
-def _atomic_dir(out: Path) -> Iterator[Path]:
-    """A hidden sibling of `out` renamed to `out` when the block finishes; removed on any failure."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _drop_quantization_config(path: Path) -> None:

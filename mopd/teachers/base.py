@@ -56,6 +56,12 @@ class Teacher(ABC):
         reqs = self.requests([rollouts[i] for i in live])
         for i, req in zip(live, reqs):
             self._check_request(req, rollouts[i])
+        for i, scores in zip(live, self._engine_score(reqs, top_k)):
+            out[i] = self._checked(scores, rollouts[i], top_k)
+        return out
+
+    def _engine_score(self, reqs: list[ScoreRequest], top_k: int) -> list[TeacherScores]:
+        """The engine's scores for ``reqs``, one per request; any engine failure names this teacher."""
         try:
             got = self.engine.score(reqs, top_k)
         except TeacherError:
@@ -64,9 +70,7 @@ class Teacher(ABC):
             raise TeacherError(f"teacher {self.name!r}: scoring {len(reqs)} rollouts failed: {exc}") from exc
         if len(got) != len(reqs):
             raise TeacherError(f"teacher {self.name!r}: engine returned {len(got)} scores for {len(reqs)} requests")
-        for i, scores in zip(live, got):
-            out[i] = self._checked(scores, rollouts[i], top_k)
-        return out
+        return got
 
     def _check_request(self, req: ScoreRequest, rollout: Rollout) -> None:
         """The request's scored span must be the student's response, token for token."""

@@ -152,14 +152,7 @@ class CrossTokenizerTeacher(Teacher):
         return out
 
     def _engine_scores(self, reqs: list[ScoreRequest], top_k: int) -> list[TeacherScores]:
-        try:
-            got = self.engine.score(reqs, top_k)
-        except TeacherError:
-            raise
-        except Exception as exc:  # engines raise EngineError, httpx errors, CUDA OOM...: name the teacher
-            raise TeacherError(f"teacher {self.name!r}: scoring {len(reqs)} rollouts failed: {exc}") from exc
-        if len(got) != len(reqs):
-            raise TeacherError(f"teacher {self.name!r}: engine returned {len(got)} scores for {len(reqs)} requests")
+        got = self._engine_score(reqs, top_k)
         for req, s in zip(reqs, got):
             if s.k != top_k:
                 raise TeacherError(f"teacher {self.name!r}: engine returned K={s.k}, asked for K={top_k}")
