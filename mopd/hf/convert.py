@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from mopd.config import ModelConfig, ParallelConfig, StudentConfig, build_config
+from mopd.config import ModelConfig, ParallelConfig, StudentConfig, TrainConfig, build_config
 from mopd.errors import CheckpointError, ConfigError
 from mopd.hf import families, mapping
 from mopd.hf.folder import atomic_dir
@@ -103,7 +103,8 @@ def export_hf(megatron_dir: str | Path, hf_dir: str | Path, *, model_cfg: ModelC
 def check_layout(cfg: ModelConfig, tp: int, pp: int) -> None:
     """Refuse a TP/PP the model cannot be split into, naming the field (ConfigError)."""
     build_config(StudentConfig, {"model": _plain(cfg), "parallel": _plain(ParallelConfig(tensor_parallel=tp,
-                                                                                       pipeline_parallel=pp))})
+                                                                                       pipeline_parallel=pp)),
+                                 "train": _fitting_train(cfg.max_position_embeddings)})
 
 
 def write_model_yaml(cfg: ModelConfig, path: Path) -> None:
@@ -119,7 +120,15 @@ def read_model_yaml(path: Path) -> ModelConfig:
     section = OmegaConf.select(node, "student.model")
     if section is None:
         raise ConfigError(f"{path} has no student.model section")
-    return build_config(StudentConfig, {"model": section}).model
+    max_positions = section.get("max_position_embeddings", None)
+    train = _fitting_train(max_positions) if max_positions is not None else {}
+    return build_config(StudentConfig, {"model": section, "train": train}).model
+
+
+def _fitting_train(max_position_embeddings: int) -> dict:
+    """A train section the model can hold: a checkpoint carries no run settings, and the default
+    max_seq_len (256) would be refused for a model with fewer positions."""
+    return {"max_seq_len": min(TrainConfig().max_seq_len, int(max_position_embeddings))}
 
 
 # Fields that do not change what a checkpoint computes (init_method_std only draws random weights).
