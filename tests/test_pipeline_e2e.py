@@ -77,6 +77,24 @@ def losses(run_dir: Path, stage: str = "unify") -> list[float]:
     return [row["train/loss"] for row in history(run_dir, stage) if "train/loss" in row]
 
 
+def kill_after_checkpoint(args: list[str], run_dir: Path, step: int) -> None:
+    """Start ``mopd args`` and SIGKILL it once the opd stage's step-``step`` checkpoint exists.
+
+    Its own session, so the kill takes the whole job (dist_checkpointing's writer child too), as a
+    scheduler's would; asserts the stage really died mid-way (no output.json).
+    """
+    proc = subprocess.Popen(mopd_command(*args), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    checkpoint = run_dir / "stages" / "unify" / "checkpoints" / f"step_{step:06d}"
+    deadline = time.monotonic() + 300
+    while not checkpoint.is_dir() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, f"the run ended before it could be killed:\n{proc.stderr.read().decode()[-3000:]}"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "stages" / "unify" / "output.json").exists()
+
+
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs")
@@ -174,18 +192,7 @@ def test_sft_makes_each_expert_better_than_the_base_at_its_domain_on_held_out_an
 def test_opd_killed_mid_run_resumes_to_the_same_metrics(full_run, tmp_path):
     run_dir = tmp_path / "killed"
     args = ["run", str(ASSET), *opd_only(run_dir, full_run), "--resume"]
-    # Its own session, so the kill takes the whole job (dist_checkpointing's writer child too), as
-    # a scheduler's would.
-    proc = subprocess.Popen(mopd_command(*args), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    checkpoint = run_dir / "stages" / "unify" / "checkpoints" / "step_000004"
-    deadline = time.monotonic() + 300
-    while not checkpoint.is_dir() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, f"the run ended before it could be killed:\n{proc.stderr.read().decode()[-3000:]}"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (run_dir / "stages" / "unify" / "output.json").exists()  # it really died mid-stage
+    kill_after_checkpoint(args, run_dir, step=4)
     run_mopd(*args)
     # Same seed, deterministic CPU kernels, seeded sampling per step, restored optimizer and data
     # position: the resumed run reproduces the uninterrupted one to float32 round-off.

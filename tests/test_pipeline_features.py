@@ -15,14 +15,11 @@ group of features at once, so the whole file costs three short opd runs and one 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
-from test_pipeline_e2e import ASSET, env, history, losses, mopd_command, opd_only, run_mopd
+from test_pipeline_e2e import ASSET, env, history, kill_after_checkpoint, losses, mopd_command, opd_only, run_mopd
 
 from mopd.config import load_config
 from mopd.data.synthetic import PiMode, generate
@@ -113,16 +110,7 @@ def test_the_wandb_sink_writes_its_offline_run(loop_run):
 def test_the_ema_teacher_state_crosses_a_killed_and_resumed_run(prefix, loop_run, tmp_path):
     run_dir = tmp_path / "killed"
     args = ["run", str(ASSET), *opd_only(run_dir, prefix), *LOOP, "logging.wandb_mode=disabled", "--resume"]
-    proc = subprocess.Popen(mopd_command(*args), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    checkpoint = run_dir / "stages" / "unify" / "checkpoints" / "step_000003"
-    deadline = time.monotonic() + 300
-    while not checkpoint.is_dir() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, f"the run ended before it could be killed:\n{proc.stderr.read().decode()[-3000:]}"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (run_dir / "stages" / "unify" / "output.json").exists()
+    kill_after_checkpoint(args, run_dir, step=3)
     run_mopd(*args)
     expected, got = losses(loop_run), losses(run_dir)
     assert len(got) == 6 and max(abs(a - b) / abs(b) for a, b in zip(got, expected)) < 1e-4
