@@ -14,15 +14,7 @@ os.environ.setdefault("MOPD_FORCE_CPU", "1")
 from real_models import r1_qwen_tokenizer_dir, smollm2_hf_dir, smollm2_megatron_dir
 
 
-# The demo test (~10 minutes, a third of the suite's work) starts first: with `--dist worksteal`
-# (launch/test.sh) one worker runs it while the other works through the rest and steals from its queue,
-# instead of the demo starting late and running alone at the end. The order must be deterministic (every
-# xdist worker collects the same list).
-RUN_FIRST = "test_demo.py"
-
-
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: item.path.name != RUN_FIRST)  # stable: collection order otherwise
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (marked gpu)")
