@@ -114,8 +114,12 @@ def test_full_run_writes_every_stage_a_summary_and_a_plot(full_run):
     assert (full_run / "summary.png").stat().st_size > 10_000
     keys = set().union(*history(full_run, "unify"))
     for key in ("teacher/rev/kl_sample", "teacher/rot/top1pct_share", "teacher/rev/entropy", "teacher/rot/kl_pos0",
-                "teacher/rev/routed_tokens", "timing/generate", "timing/score", "timing/train", "timing/sync"):
+                "teacher/rev/routed_tokens", "timing/generate", "timing/score", "timing/train", "timing/sync",
+                "timing/step"):
         assert key in keys, key
+    for row in (r for r in history(full_run, "unify") if "train/loss" in r):  # the phases are spans inside the step
+        phases = sum(row[f"timing/{p}"] for p in ("generate", "score", "train", "sync"))
+        assert phases <= row["timing/step"], row
     periodic = [r["step"] for r in history(full_run, "unify") if "eval/reverse/greedy_accuracy" in r]
     assert periodic == [3.0, 6.0]  # eval.every_steps=3 during opd, for the accuracy-over-steps plot
 

@@ -37,6 +37,7 @@ from mopd.stages.training import (
     start_stage,
     train_on,
 )
+from mopd.student import StepResult
 from mopd.sync import WeightSync
 from mopd.sync.stage_senders import rollout_weight_sync
 from mopd.teachers import score_batch
@@ -73,29 +74,37 @@ def run_opd(ctx: RunContext, stage: StageConfig, config: RunConfig) -> StageOutp
 def _loop(run: StageRun, engine, teachers: TeacherSet, sync: WeightSync, loss_fn, alarm: Alarm,
           prefetch: Prefetch, kl_teachers) -> None:
     """DESIGN.md §1, one iteration per optimizer step."""
-    ctx, config, train = run.ctx, run.config, run.config.student.train
-    while run.step < train.steps:
-        rollouts = routing = scores = rewards = None
-        prompts = next(run.sampler)  # every rank advances the sampler: checkpoints record its position
-        if ctx.is_logger:
-            with run.metrics.span("generate"):
-                rollouts = prefetch.take(lambda: engine.generate(prompts, step_sampling(config, run.step)))
-            rollouts = fit_to_max_seq_len(run, rollouts)
-            with run.metrics.span("score"):  # the prompts carry the metadata that routing rules match
-                routing, scores = score_batch(rollouts, teachers.teachers, teachers.router,
-                                              prompts={p.index: p for p in prompts})
-            rewards = verify(rollouts, ctx.tokenizer, config.data.verifiers)
-            if run.step + 1 < train.steps:
-                upcoming, upcoming_sampling = peek(run.sampler), step_sampling(config, run.step + 1)
-                prefetch.start(lambda: engine.generate(upcoming, upcoming_sampling))
-        result = train_on(run, rollouts, routing, scores, loss_fn, teachers.names, rewards)
-        prefetch.wait()  # the engine's weights change below; no generation may be in flight
-        with run.metrics.span("sync"):
-            sync.sync(version=run.step)
-        log_step(run, result, step_diagnostics(run, rollouts, routing, scores, rewards, teachers, alarm))
+    while run.step < run.config.student.train.steps:
+        with run.metrics.span("step"):  # everything but checkpoints and evaluations (bench/vs_trl_onpolicy.py)
+            result, diagnostics = _step(run, engine, teachers, sync, loss_fn, alarm, prefetch)
+        log_step(run, result, diagnostics)
         act_on_alarm(run, alarm, teachers)  # before this step's checkpoint: stop writes none after the alarm
         maybe_checkpoint(run, extra=teachers.state())
         maybe_evaluate(run, engine, teachers=kl_teachers)
+
+
+def _step(run: StageRun, engine, teachers: TeacherSet, sync: WeightSync, loss_fn, alarm: Alarm,
+          prefetch: Prefetch) -> tuple[StepResult, dict[str, float]]:
+    """Generate -> route and score -> train -> sync the engine; returns the step and its diagnostics."""
+    ctx, config, train = run.ctx, run.config, run.config.student.train
+    rollouts = routing = scores = rewards = None
+    prompts = next(run.sampler)  # every rank advances the sampler: checkpoints record its position
+    if ctx.is_logger:
+        with run.metrics.span("generate"):
+            rollouts = prefetch.take(lambda: engine.generate(prompts, step_sampling(config, run.step)))
+        rollouts = fit_to_max_seq_len(run, rollouts)
+        with run.metrics.span("score"):  # the prompts carry the metadata that routing rules match
+            routing, scores = score_batch(rollouts, teachers.teachers, teachers.router,
+                                          prompts={p.index: p for p in prompts})
+        rewards = verify(rollouts, ctx.tokenizer, config.data.verifiers)
+        if run.step + 1 < train.steps:
+            upcoming, upcoming_sampling = peek(run.sampler), step_sampling(config, run.step + 1)
+            prefetch.start(lambda: engine.generate(upcoming, upcoming_sampling))
+    result = train_on(run, rollouts, routing, scores, loss_fn, teachers.names, rewards)
+    prefetch.wait()  # the engine's weights change below; no generation may be in flight
+    with run.metrics.span("sync"):
+        sync.sync(version=run.step)
+    return result, step_diagnostics(run, rollouts, routing, scores, rewards, teachers, alarm)
 
 
 def step_sampling(config: RunConfig, step: int) -> SamplingConfig:
