@@ -2,7 +2,7 @@
 
 Per seed, one pipeline on the demo's config (configs/local/demo.yaml): a base, one expert per domain
 (trained once), then two branches from the base, each evaluated every ``--eval-every`` steps with the
-teacher tokens it has consumed so far: ``unify`` (opd, the demo's 400 steps) and ``sft_baseline`` (SFT
+teacher tokens it has consumed so far: ``unify`` (opd, 400 steps; the demo runs 300) and ``sft_baseline`` (SFT
 on responses the experts write, stopped at unify's teacher tokens). Both branches run the demo's one
 cosine schedule and are read at intermediate points, so "at budget b" means "the demo's run after b
 teacher tokens" for both methods alike (a run planned for b tokens alone would anneal earlier).
@@ -100,7 +100,7 @@ def _curve(row: dict, method: str) -> Curve:
 def print_report(results: dict[int, dict], metrics: list[str], fractions: list[float]) -> None:
     fmt = lambda v: "  -  " if v is None else f"{v:.3f}"  # noqa: E731
     for seed, res in results.items():
-        print(f"\nseed {seed}: demo budget = {res['budget_tokens']:,} teacher tokens (unify, 400 opd steps)")
+        print(f"\nseed {seed}: demo budget = {res['budget_tokens']:,} teacher tokens (unify, 400 opd steps; the demo runs 300)")
         for d, row in res["domains"].items():
             print(f"  {d}: base {row['base_greedy']:.3f}, expert {row['expert_greedy']:.3f}, "
                   f"90% target {row['target']:.3f}")
