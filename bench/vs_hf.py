@@ -13,8 +13,9 @@ medians are reported and only the RATIOS are meant to be compared (absolute time
 * score: ``EmbeddedEngine.score`` (top-16 + sampled logprob + tail mass per response row) vs one
   no-grad prefill of the same right-padded batch.
 
-``--profile`` instead runs torch.profiler over one mopd train step (after a warm-up) and prints the
-top entries by self CPU time, and the same for the transformers step.
+``--profile`` instead runs torch.profiler over one call of each (after a warm-up) and prints the top
+entries by self CPU time: mopd's train step as it is and as it was before (unfused Adam), transformers'
+step; the engine's generate as it is and before (all-position logits), transformers' generate.
 
     nice -n 5 env OMP_NUM_THREADS=1 .venv/bin/python bench/vs_hf.py [--iters 5] [--profile]
 """
@@ -157,7 +158,7 @@ def _parse():
     p.add_argument("--iters", type=int, default=5, help="interleaved rounds after the warm-up")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--lr", type=float, default=1e-6)
-    p.add_argument("--profile", action="store_true", help="profile one train step of each side instead")
+    p.add_argument("--profile", action="store_true", help="profile one call of each side, before and after, instead")
     p.add_argument("--phases", default="train,generate,score",
                    help="also: train-before (Adam unfused; the one-rank collective skip stays), "
                         "generate-before (all-position logits), each in the same process")
@@ -190,11 +191,6 @@ def main() -> None:
     def mopd_train():
         train_step(chunks, optimizer, scheduler, micro, loss_fn, layout, step=next(step))
 
-    if args.profile:
-        _profile({"mopd train_step": mopd_train, "transformers fwd+bwd+AdamW": hf_train.step})
-        print(f"end: {_uptime()}")
-        return
-
     # Rollout side: a separate eval copy (the trained model keeps changing), shared by both generators.
     rollout_model = copy.deepcopy(hf_model).eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -222,6 +218,14 @@ def main() -> None:
         finally:
             engine._last_logits_only = saved
 
+    if args.profile:
+        _profile({"mopd train_step (after)": mopd_train, "mopd train_step, unfused Adam (before)": mopd_train_unfused,
+                  "transformers fwd+bwd+clip+AdamW": hf_train.step,
+                  "EmbeddedEngine.generate (after)": lambda: engine.generate(prompts, sampling),
+                  "EmbeddedEngine.generate, all-position logits (before)": generate_all_logits,
+                  "transformers generate": lambda: _hf_generate(rollout_model, prompts, pad)})
+        print(f"end: {_uptime()}")
+        return
     pairs = {
         "train": (mopd_train, hf_train.step, "mopd train_step", "transformers fwd+bwd+clip+AdamW"),
         "generate": (lambda: engine.generate(prompts, sampling), lambda: _hf_generate(rollout_model, prompts, pad),

@@ -48,7 +48,9 @@ def run_pipeline(config: RunConfig, *, resume: bool = False) -> Path:
     check_init_sources(config.stages, stage_configs)  # and every checkpoint a stage starts from
     ctx = _start(config, resume)
     try:
+        tokenizers = stage_tokenizers(config, stage_configs, ctx.tokenizer)
         for stage in config.stages:
+            ctx.tokenizer = tokenizers[stage.name]
             done = ctx.stage_dir(stage) / "output.json"
             if done.is_file():
                 ctx.outputs[stage.name] = StageOutput.load(done)
@@ -111,6 +113,23 @@ def _start(config: RunConfig, resume: bool, writes: bool = True) -> RunContext:
     barrier()
     return RunContext(config=config, layout=layout, run_dir=run_dir, tokenizer=load_tokenizer(config),
                       resume=resume)
+
+
+def stage_tokenizers(config: RunConfig, stage_configs: dict[str, RunConfig], run_tokenizer) -> dict:
+    """Each stage's student tokenizer: the run's, or the one its overrides of `data.tokenizer` /
+    `student.model` name (e.g. experts in another tokenizer than the student they teach), all loaded
+    and checked before the first stage runs."""
+    loaded = {(config.data.tokenizer, config.student.model.vocab_size): run_tokenizer}
+    out = {}
+    for name, cfg in stage_configs.items():
+        key = (cfg.data.tokenizer, cfg.student.model.vocab_size)
+        if key not in loaded:
+            try:
+                loaded[key] = load_tokenizer(cfg)
+            except ConfigError as exc:
+                raise ConfigError(f"stage {name!r}: {exc}") from None
+        out[name] = loaded[key]
+    return out
 
 
 def load_tokenizer(config: RunConfig):

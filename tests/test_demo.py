@@ -19,6 +19,7 @@ DEMO = Path(__file__).resolve().parents[1] / "configs" / "local" / "demo.yaml"
 
 
 @pytest.mark.slow
+@pytest.mark.one_process
 def test_demo_unifies_the_experts_and_reports_against_both_baselines(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mopd.cli", "run", str(DEMO), f"output_dir={tmp_path}",
                            "logging.progress_bar=false", "logging.wandb_mode=disabled"],

@@ -139,6 +139,7 @@ def expected_alarm_step(series: list[float]) -> int:
     raise AssertionError(f"{KEY} never fell {DROP:.0%}: {series}")
 
 
+@pytest.mark.one_process
 def test_the_opd_loop_checkpoints_at_the_alarm_or_stops_keeping_the_last_good_checkpoint(tmp_path):
     config = tmp_path / "alarm.yaml"
     config.write_text(RUN_YAML)

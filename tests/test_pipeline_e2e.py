@@ -22,6 +22,8 @@ import torch
 
 ASSET = Path(__file__).parent / "assets" / "tiny_run.yaml"
 PREFIX_STAGES = ("base", "expert_reverse", "expert_caesar")
+# Whole module (its module-scoped full run is shared): every test but the TP=2 one is one process.
+pytestmark = pytest.mark.one_process
 
 
 def mopd_command(*args: str, nproc: int = 1) -> list[str]:

@@ -61,7 +61,8 @@ class RunContext:
     layout: ParallelLayout
     run_dir: Path
     tokenizer: Any
-    """The student's tokenizer (transformers PreTrainedTokenizerBase)."""
+    """The running stage's student tokenizer (transformers PreTrainedTokenizerBase): the run's
+    `data.tokenizer`, or the one the stage's overrides name (pipeline.stage_tokenizers)."""
     outputs: dict[str, StageOutput] = field(default_factory=dict)
     resume: bool = False
 

@@ -104,12 +104,28 @@ def init_weights(ctx: RunContext, stage: StageConfig, model: ModelConfig | None 
 
 def check_init_sources(stages: list[StageConfig], stage_configs: dict[str, RunConfig]) -> None:
     """Before the first stage runs: every training stage's init_from names a stage listed before it, or a
-    Megatron folder of the stage's student.model (`checked_init_folder`)."""
+    Megatron folder of the stage's student.model (`checked_init_folder`); the earlier stages a stage
+    starts from or takes weights or sft targets from (`sources`) share its tokenizer."""
     earlier: set[str] = set()
     for stage in stages:
         if stage.kind in TRAINING_KINDS and stage.init_from is not None and stage.init_from not in earlier:
             checked_init_folder(stage, stage_configs[stage.name].student.model)
+        for key, source in [("init_from", stage.init_from)] + [("sources", s) for s in stage.sources or ()]:
+            if source in earlier:
+                check_same_tokenizer(f"stages[{stage.name}].{key}", source, stage_configs[source],
+                                     stage_configs[stage.name])
         earlier.add(stage.name)
+
+
+def check_same_tokenizer(key: str, source: str, theirs: RunConfig, ours: RunConfig) -> None:
+    """Token ids (weights' rows, sft targets) mean something only in the tokenizer they came from."""
+    a = (theirs.data.tokenizer, theirs.student.model.vocab_size)
+    b = (ours.data.tokenizer, ours.student.model.vocab_size)
+    if a != b:
+        raise ConfigError(f"{key}={source!r}: that stage's tokenizer is data.tokenizer={a[0]!r} "
+                          f"(student.model.vocab_size={a[1]}), this one's {b[0]!r} ({b[1]}); weights and token "
+                          "ids pass between stages of one tokenizer only (a teacher of another tokenizer scores "
+                          "through distill.teachers[].tokenizer)")
 
 
 def checked_init_folder(stage: StageConfig, model: ModelConfig) -> Path:
