@@ -140,3 +140,23 @@ def test_teacher_check_refuses_another_family_tokenizer_naming_the_teacher(smoll
                                            r"vocab size: student 49152, teacher 152067") as info:
         check_vocab("r1_distill", smol, r1)
     assert "eos_token" in str(info.value)
+
+
+def test_the_domain_bpe_alphabet_is_all_bytes_or_only_the_domains_bytes():
+    from mopd.data.domain_bpe import train_domain_bpe
+    from mopd.data.synthetic import generate
+
+    full, text = (train_domain_bpe(["reverse", "caesar"], size, byte_alphabet=full_bytes)
+                  for size, full_bytes in ((320, True), (64, False)))
+    assert (len(full), len(text)) == (320, 64)
+    assert full.tokenize("rev:dtey=") == ["rev", ":", "dt", "ey", "="]  # merges learnt from the domains
+    # The compact one: the ~30 characters the domains use (lower-case letters, ":", "=") and 4 specials;
+    # the rest is merges; a character outside it is <unk> (never silently dropped).
+    used = {c for d in ("reverse", "caesar") for e in generate(d, 4000, seed=0) for c in e.prompt + e.reference}
+    singles = {t for t in text.get_vocab() if len(t) == 1}
+    assert singles == used and {"rev", "rot"} <= set(text.get_vocab())
+    for e in generate("reverse", 20, seed=5):
+        ids = text(e.prompt)["input_ids"]
+        assert ids[0] == text.bos_token_id and text.decode(ids[1:]) == e.prompt
+    assert text("aAb")["input_ids"][1:] == [text.convert_tokens_to_ids(c) for c in ("a", "<unk>", "b")]
+    assert full.decode(full("aAb")["input_ids"][1:]) == "aAb" and full.unk_token is None

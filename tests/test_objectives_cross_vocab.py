@@ -151,6 +151,33 @@ def test_map_topk_moves_unmapped_mass_to_the_tail_and_merges_entries_of_one_stud
     torch.testing.assert_close(out_tail.exp(), torch.tensor([0.45]))
 
 
+def test_a_teacher_subword_maps_to_the_longest_student_token_it_begins_with_so_a_char_student_gets_the_next_char():
+    from mopd.data.domain_bpe import train_domain_bpe
+
+    char, bpe = build_char_tokenizer(), train_domain_bpe(["reverse", "caesar"], 64, byte_alphabet=False)
+    vm = VocabMap(token_bytes(char, "student"), token_bytes(bpe, "teacher"))
+    t = bpe.convert_tokens_to_ids
+    s = char.convert_tokens_to_ids
+    # Same bytes where the student has them; a merge to its first character (the longest student prefix).
+    assert vm(torch.tensor([t("e"), t("ey"), t("rev"), t("rot"), t(":")])).tolist() == [s("e"), s("e"), s("r"), s("r"),
+                                                                                       s(":")]
+    assert vm(torch.tensor([bpe.eos_token_id])).tolist() == [char.eos_token_id]
+    # Specials map by content only (both have <unk> and <pad>), never by prefix.
+    assert vm(torch.tensor([bpe.unk_token_id, bpe.pad_token_id])).tolist() == [char.unk_token_id, char.pad_token_id]
+    merges = sum(len(p) > 1 and not p.startswith("<") for p in bpe.get_vocab())
+    assert (vm.mapped, vm.prefixed) == (len(bpe) - merges, merges)
+    # The teacher's next-token top-K, mapped: the char student's target is the teacher's distribution of
+    # the next character (float64: p(e) + p(ey) for "e", p(rev) + p(rot) for "r"), the rest in the tail.
+    probs = torch.tensor([[0.30, 0.20, 0.15, 0.10, 0.05]], dtype=torch.float64)
+    ids = torch.tensor([[t("e"), t("ey"), t("rev"), t("rot"), t("=")]])
+    out_ids, out_lp, out_tail = map_topk(ids, probs.log().float(), torch.tensor([math.log(0.20)]), vm)
+    mass = {}
+    for i, lp in zip(out_ids[0].tolist(), out_lp[0].double().exp().tolist()):
+        mass[i] = mass.get(i, 0.0) + lp
+    assert mass == pytest.approx({s("e"): 0.50, s("r"): 0.25, s("="): 0.05}, abs=1e-6)
+    assert float(out_tail.exp()) == pytest.approx(0.20, abs=1e-6)
+
+
 # ---------------------------------------------------------------- reduction: the same tokenizer on both sides
 
 

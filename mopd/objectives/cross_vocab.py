@@ -12,7 +12,8 @@ whether it is the chunk's first token. Per chunk c with student tokens y_t, t in
         log-ratio as every token's reward. w_t and the clamp of A_c: the same ``importance_ratio`` /
         ``ratio_cap`` / ``token_clip`` as the per-token objective (policy_gradient.py).
     top-K divergences on 1:1 chunks (``forward_kl_topk``, ``jsd``, ``skew_kl``)
-        the teacher's top-K mapped to student ids of the same bytes, unmapped mass in the tail bucket;
+        the teacher's top-K mapped to student ids (``VocabMap``: the same bytes, else the longest
+        student token an entry begins with), unmapped mass in the tail bucket;
         exactly divergences.py on those tokens, 0 elsewhere.
     sorted-probability term (``uld``, Universal Logit Distillation) on the first token of every chunk
         that is NOT 1:1, where both models predict the chunk's text from the same text prefix but their

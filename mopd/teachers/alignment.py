@@ -23,8 +23,7 @@ student learnt within 50 steps to fill its responses with bytes a character teac
 they cost nothing). So the first student token after the scored text (the "cut" token) is scored
 against the teacher's next-token distribution right after the scored text (a probe position: the
 context the student sampled that token in) as a 1:1 chunk: top-K divergences use the probe's mapped
-top-K; the chunk reverse KL uses the teacher's log-probability of a token of the same bytes when the
-top-K has it, else ``mopd.teachers.cross.UNREAD_LOGPROB`` (-30: text the teacher would not write). Each
+top-K; the chunk reverse KL uses the cut token's entry in the probe's mapped top-K when it has one, else ``mopd.teachers.cross.UNREAD_LOGPROB`` (-30: text the teacher would not write). Each
 later token is a chunk of its own with no teacher token (``teacher_tokens`` 0) scored at that value:
 the reverse KL keeps pushing such text down, the top-K terms skip it. Their share is the metric ``teacher/<name>/unscored_fraction``.
 """
@@ -71,12 +70,17 @@ def align_pieces(student: Sequence[bytes], teacher: Sequence[bytes]) -> list[tup
 
 
 class VocabMap:
-    """Teacher id -> the student id of the same bytes (-1 if none); the teacher's EOS -> the student's.
+    """Teacher id -> a student id (-1 if none), for the teacher's top-K at 1:1 chunks; the EOS pair.
 
-    Text tokens map to text tokens; a special token maps only to the student's special token of the same
-    content (the same symbol, e.g. ``<|endoftext|>`` in both), and the two EOS tokens to each other
-    whatever their content (each side's end of turn). When several student ids share bytes the lowest
-    wins. With identical tokenizers the map is the identity. Built once per teacher.
+    A text token maps to the student's text token of the same bytes; one the student has no token for,
+    to the student's longest text token that its bytes begin with (``prefixed`` of them). At a 1:1 chunk
+    both models predict the next text from the same prefix, so the teacher's mass on "ey" is mass on text
+    that begins with "e": for a character student the mapped top-K is exactly the teacher's distribution
+    of the next character (restricted to its top-K); for a subword student it is the usual first-token
+    approximation. A special token maps only to the student's special token of the same content (e.g.
+    ``<|endoftext|>`` in both), and the two EOS tokens to each other whatever their content (each side's
+    end of turn). When several student ids share bytes the lowest wins. With identical tokenizers the
+    map is the identity. Built once per teacher.
     """
 
     def __init__(self, student: TokenBytes, teacher: TokenBytes) -> None:
@@ -88,16 +92,26 @@ class VocabMap:
             into = special if i in student.special else text
             if piece and piece not in into:
                 into[piece] = i
+        longest = max((len(p) for p in text), default=0)
         table = torch.full((len(teacher),), -1, dtype=torch.long)
+        prefixed = 0
         for i, piece in enumerate(teacher.pieces):
+            if i == teacher.eos_id:
+                continue
             got = special.get(piece) if i in teacher.special else text.get(piece)
-            if got is not None and i != teacher.eos_id:
+            if got is None and i not in teacher.special:
+                got = next((text[piece[:n]] for n in range(min(len(piece) - 1, longest), 0, -1)
+                            if piece[:n] in text), None)
+                prefixed += got is not None
+            if got is not None:
                 table[i] = got
         if teacher.eos_id is not None and student.eos_id is not None:
             table[teacher.eos_id] = student.eos_id
         self.table = table
         self._special_back = {int(table[i]): i for i in sorted(teacher.special) if int(table[i]) >= 0}
-        self.mapped = int((table >= 0).sum())
+        self.prefixed = prefixed
+        self.mapped = int((table >= 0).sum()) - prefixed
+        """Teacher ids with a student token of the same bytes (the EOS pair included)."""
 
     def special_of(self, student_id: int) -> int | None:
         """The teacher's special token for the student's special ``student_id`` (same content, or the EOS

@@ -16,13 +16,14 @@ student's positions, one row per student response token:
 - every chunk (``alignment.align_pieces``): ``sampled_logprob`` of its FIRST student token is the
   teacher's log p(chunk text) (sum over its teacher tokens), 0 on the chunk's other tokens, so a segment
   sum gives the chunk's value; ``chunks.chunk`` / ``chunks.teacher_tokens`` say which chunk and how wide;
-- a 1:1 chunk: the teacher's top-K through the ``VocabMap`` (same bytes -> student id); unmapped entries
-  get probability 0 and their mass joins the tail bucket; entries mapping to one student id are merged;
+- a 1:1 chunk: the teacher's top-K through the ``VocabMap`` (same bytes, else the longest student token
+  the entry begins with -> student id); unmapped entries get probability 0 and their mass joins the tail
+  bucket; entries mapping to one student id are merged;
 - the first student token of a wider chunk: the teacher's raw top-K log-probabilities (sorted-probability
   terms need no ids) with placeholder ids ``0..K-1``; other tokens and unscored ones: the uniform
   placeholder of ``build_train_batches``;
 - the cut token (``Alignment.cut``): the probe row mapped like a 1:1 chunk, its sampled log-probability
-  the teacher's for a token of the same bytes if the mapped top-K has it, else ``UNREAD_LOGPROB``; later
+  the teacher's for the token's entry in the mapped top-K if it has one, else ``UNREAD_LOGPROB``; later
   tokens: their own chunks of no teacher token, sampled log-probability ``UNREAD_LOGPROB`` (alignment.py).
 Objectives read these rows only through ``mopd.objectives.cross_vocab``, which knows which is which.
 """
@@ -71,7 +72,8 @@ class CrossTokenizerTeacher(Teacher):
     def describe(self) -> str:
         """One line for the start-up log."""
         return (f"teacher {self.name!r}: cross-tokenizer ({len(self.teacher_bytes)} teacher tokens, "
-                f"{self.vocab_map.mapped} of them map to a student token of the same bytes)")
+                f"{self.vocab_map.mapped} of them map to a student token of the same bytes, "
+                f"{self.vocab_map.prefixed} to the longest student token they begin with)")
 
     # ------------------------------------------------------------------ context and response
 
