@@ -20,7 +20,7 @@ from pathlib import Path
 from mopd.config import RunConfig, StageKind, to_yaml, with_overrides
 from mopd.errors import ConfigError
 from mopd.library_noise import drop_megatron_log_noise
-from mopd.parallel import destroy_parallel, init_parallel
+from mopd.parallel import destroy_parallel, init_parallel, seed_rngs
 from mopd.stages.context import RunContext, StageOutput, barrier
 from mopd.stages.average import run_average
 from mopd.stages.evaluate import run_eval
@@ -59,6 +59,7 @@ def run_pipeline(config: RunConfig, *, resume: bool = False) -> Path:
                 continue
             if ctx.is_logger:
                 print(f"[pipeline] stage {stage.name} ({stage.kind.value})", flush=True)
+            seed_rngs(stage_configs[stage.name].seed, ctx.layout.pp_rank)
             output = STAGES[stage.kind](ctx, stage, stage_configs[stage.name])
             if ctx.is_logger:
                 output.save(done)

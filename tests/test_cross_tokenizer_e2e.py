@@ -52,6 +52,12 @@ def test_a_bpe_student_distils_from_a_char_expert_through_the_cross_tokenizer_pa
         chunks_per_token = m["chunks/tokens"] / m["tokens"]
         assert math.isclose(m["reverse_kl_est"], m["chunks/kl_est"] * chunks_per_token, rel_tol=1e-4, abs_tol=1e-5)
         assert all(math.isfinite(v) for v in m.values())
+    # Each stage is seeded afresh: the base draws the same random weights as where it is the first stage.
+    run_mopd("run", str(ASSET), f"output_dir={tmp_path}", "name=alone", f"data.tokenizer={bpe}",
+             "student.model.vocab_size=320", "stages=[{name: base, kind: sft, role: base, overrides: [student.train.steps=2]}]")
+    first_loss = [json.loads((tmp_path / name / "stages" / "base" / "metrics.jsonl").open().readline())["train/loss"]
+                  for name in ("cross", "alone")]
+    assert first_loss[0] == first_loss[1]
 
 
 def test_weights_and_sft_targets_pass_only_between_stages_of_one_tokenizer(tmp_path):

@@ -147,6 +147,19 @@ def _init_process_group(backend: str, timeout: datetime.timedelta) -> None:
     dist.init_process_group(backend=backend, timeout=timeout)
 
 
+def seed_rngs(seed: int, pp_rank: int) -> None:
+    """Python, NumPy, torch and Megatron's tracker RNGs from ``seed + 100 * pp_rank`` (Megatron-LM's rule).
+    The pipeline seeds them again before each stage, so a stage draws the same random weights whatever
+    ran before it in the process (a resumed run, or a run with other stages first)."""
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    stage_seed = seed + 100 * pp_rank
+    random.seed(stage_seed)
+    np.random.seed(stage_seed)
+    torch.manual_seed(stage_seed)
+    model_parallel_cuda_manual_seed(stage_seed, force_reset_rng=True)
+
+
 def init_parallel(cfg: ParallelConfig, *, seed: int) -> ParallelLayout:
     """Initialise torch.distributed (if needed), Megatron's model parallel state and the RNGs.
 
@@ -156,7 +169,6 @@ def init_parallel(cfg: ParallelConfig, *, seed: int) -> ParallelLayout:
     """
     from megatron.core import parallel_state
     from megatron.core.process_groups_config import ProcessGroupCollection
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     cuda = use_cuda(os.environ, torch.cuda.is_available)
     backend = _backend(cfg, cuda)
@@ -177,11 +189,7 @@ def init_parallel(cfg: ParallelConfig, *, seed: int) -> ParallelLayout:
     )
     control = dist.new_group(backend="gloo", timeout=timeout) if world > 1 else None
     tp_rank, pp_rank, dp_rank = plan.coordinates(rank)
-    stage_seed = seed + 100 * pp_rank
-    random.seed(stage_seed)
-    np.random.seed(stage_seed)
-    torch.manual_seed(stage_seed)
-    model_parallel_cuda_manual_seed(stage_seed, force_reset_rng=True)
+    seed_rngs(seed, pp_rank)
     return ParallelLayout(
         tp=plan.tp, pp=plan.pp, dp=plan.dp, world_size=world, rank=rank,
         tp_rank=tp_rank, pp_rank=pp_rank, dp_rank=dp_rank,
