@@ -12,7 +12,6 @@ TP/PP/DP students; every rank runs this same function.
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 from pathlib import Path
